@@ -1,0 +1,1 @@
+"""regionssl: region-level self-supervised pretraining inside Detectron2."""

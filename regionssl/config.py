@@ -1,0 +1,218 @@
+"""All configuration keys regionssl adds to Detectron2's config.
+
+Model-side keys live under ``MODEL.REGIONSSL``, input-side keys under ``INPUT.REGIONSSL``,
+optimizer keys under ``SOLVER.REGIONSSL`` and probe keys under ``TEST.REGIONSSL``. Nothing is
+added to Detectron2's own subtrees. Each key carries one comment: meaning, unit/range and the
+paper symbol where there is one. Defaults are the official InsLoc / MoCo-v2 values; method
+leaves under ``configs/`` override what differs.
+"""
+from detectron2.config import CfgNode as CN
+
+__all__ = ["add_regionssl_config"]
+
+
+def add_regionssl_config(cfg):
+    """Add every regionssl key to ``cfg`` (in place). Safe to call twice."""
+    if "REGIONSSL" in cfg.MODEL:
+        return cfg
+    _add_model_keys(cfg)
+    _add_input_keys(cfg)
+    _add_solver_keys(cfg)
+    _add_test_keys(cfg)
+    return cfg
+
+
+def _add_model_keys(cfg):
+    cfg.MODEL.REGIONSSL = CN()
+    r = cfg.MODEL.REGIONSSL
+    # Feature maps the region features are pooled from, e.g. ["p2","p3","p4","p5"] (InsLoc-FPN),
+    # ["res4"] (C4 variants, followed by roi_heads.res5) or ["res5"] (SCRL).
+    r.IN_FEATURES = ["res5"]
+    # Loss weight w_l per entry of IN_FEATURES (InsLoc: all 1).
+    r.LEVEL_WEIGHTS = [1.0]
+    # Softmax temperature T of InfoNCE (MoCo-v2 / InsLoc / ReSim: 0.2).
+    r.TEMPERATURE = 0.2
+    # Shuffle the key encoder's batch across processes before BatchNorm (MoCo's shuffle-BN),
+    # which removes the intra-batch statistics shortcut. No-op in a single process.
+    r.SHUFFLE_BN = True
+
+    r.ROI = CN()
+    # RoIAlign output size (InsLoc: 7, SCRL: 1).
+    r.ROI.POOLER_RESOLUTION = 7
+    # RoIAlign sampling ratio; 0 = adaptive (torchvision's -1).
+    r.ROI.SAMPLING_RATIO = 0
+    # RoIAlign "aligned" half-pixel offset (InsLoc: True; SCRL's official code: False).
+    r.ROI.ALIGNED = True
+
+    r.MOMENTUM = CN()
+    # EMA coefficient m (MoCo/InsLoc: 0.999 constant; BYOL/SCRL: tau_0 = 0.996/0.97 with cosine).
+    r.MOMENTUM.BASE = 0.999
+    # "constant" or "cosine": tau_k = 1 - (1 - tau_0) * (cos(pi k / K) + 1) / 2, k = global iter.
+    r.MOMENTUM.SCHEDULE = "constant"
+
+    r.QUEUE = CN()
+    # Number of negatives K per queue (MoCo/InsLoc: 65536). Must be a multiple of the global batch.
+    r.QUEUE.SIZE = 65536
+
+    r.PROJECTOR = CN()
+    # Hidden width of the projection MLP g (MoCo-v2: 2048; BYOL/SCRL: 4096; InsLoc: 1024).
+    r.PROJECTOR.HIDDEN_DIM = 2048
+    # Output width of g, the embedding dim (MoCo/InsLoc: 128; BYOL/SCRL: 256).
+    r.PROJECTOR.OUT_DIM = 128
+    # Normalisation after the hidden layer: "" (MoCo-v2) or "BN" (BYOL/SCRL/SwAV).
+    r.PROJECTOR.NORM = ""
+
+    r.PREDICTOR = CN()
+    # Hidden width of the BYOL predictor q (4096); output width equals PROJECTOR.OUT_DIM.
+    r.PREDICTOR.HIDDEN_DIM = 4096
+
+    r.RESIM = CN()
+    # Weight of the instance-level MoCo-v2 term L_inst in L = L_inst + sum_l L_l.
+    r.RESIM.INSTANCE_WEIGHT = 1.0
+    # Per IN_FEATURES entry: all-gather the key-map negatives across processes (official: P4 yes, P3 no).
+    r.RESIM.GATHER_NEGATIVES = [True]
+    # Kernel of the stride-1 average pooling applied to the key map before it is used as negatives (3).
+    r.RESIM.NEGATIVE_POOL = 3
+
+    r.SWAV = CN()
+    # Number of prototypes K_c (3000).
+    r.SWAV.NUM_PROTOTYPES = 3000
+    # Sinkhorn entropy epsilon (0.05; the README advises 0.03 if the loss sticks at ln K_c).
+    r.SWAV.EPSILON = 0.05
+    # Sinkhorn-Knopp iterations (3).
+    r.SWAV.SINKHORN_ITERS = 3
+    # Softmax temperature tau of the swapped prediction (0.1).
+    r.SWAV.TEMPERATURE = 0.1
+    # Prototypes receive no gradient for this many iterations (5005 for batch 256, 313 for 4096).
+    r.SWAV.FREEZE_PROTOTYPES_ITERS = 5005
+    # Indices of the crops whose codes are computed (the two large crops: [0, 1]).
+    r.SWAV.CROPS_FOR_ASSIGN = [0, 1]
+    # Feature-queue length for small batches (3840 for batch 256); 0 disables the queue.
+    r.SWAV.QUEUE_LENGTH = 0
+    # Global iteration at which the queue starts being used (epoch 15 of the batch-256 recipe).
+    r.SWAV.QUEUE_START_ITER = 0
+    # Apply the swapped prediction to RoI features of the aligned boxes instead of whole crops.
+    r.SWAV.REGION = False
+
+    r.CVSA = CN()
+    # Weight lambda of the cross-view saliency alignment loss in L = L_BYOL + lambda * L_align.
+    r.CVSA.ALIGN_WEIGHT = 1.0
+    # Channels of the 1x1-conv projector / predictor used for the attention maps.
+    r.CVSA.CONV_DIM = 256
+    # Temperature of the softmax that turns query-key similarities into attention.
+    r.CVSA.TEMPERATURE = 0.1
+
+
+def _add_input_keys(cfg):
+    cfg.INPUT.REGIONSSL = CN()
+    i = cfg.INPUT.REGIONSSL
+    # How views are made from one image: "TwoCrops", "TwoCropsSharedFlip" (ReSim), "MultiCrop" (SwAV),
+    # "CopyPaste" (InsLoc) or "SaliencySwap" (CVSA). Registered in regionssl.data.views.
+    i.VIEW_GENERATOR = "TwoCrops"
+    # Which regions are matched across views: "WholeView", "PastedBox" (InsLoc), "IntersectionBoxes"
+    # (SCRL) or "SlidingWindows" (ReSim). Registered in regionssl.data.regions.
+    i.REGION_SAMPLER = "WholeView"
+    # Output side of every (large) view in pixels (224; InsLoc's canvas: 256).
+    i.CROP_SIZE = 224
+    # RandomResizedCrop area fraction range s (MoCo-v2/SCRL/ReSim: (0.2, 1.0)).
+    i.CROP_SCALE = (0.2, 1.0)
+    # RandomResizedCrop aspect-ratio range r, sampled log-uniformly (torchvision: (3/4, 4/3)).
+    i.CROP_RATIO = (0.75, 1.3333333)
+    # Resize interpolation of crops: "bilinear" or "bicubic" (BYOL/SCRL).
+    i.INTERPOLATION = "bilinear"
+    # Probability of a horizontal flip of each view.
+    i.FLIP_PROB = 0.5
+    # A pair yielding no valid region is re-drawn this many times, then the image is skipped with a warning.
+    i.MAX_RESAMPLE = 10
+
+    i.PHOTOMETRIC = CN()
+    # Colour jitter strengths (brightness, contrast, saturation, hue) (MoCo-v2: 0.4,0.4,0.4,0.1).
+    i.PHOTOMETRIC.COLOR_JITTER = (0.4, 0.4, 0.4, 0.1)
+    # Probability of applying colour jitter (0.8).
+    i.PHOTOMETRIC.COLOR_JITTER_PROB = 0.8
+    # Probability of converting to grayscale (0.2).
+    i.PHOTOMETRIC.GRAYSCALE_PROB = 0.2
+    # Blur probability per view (MoCo-v2: 0.5, 0.5; BYOL asymmetric: 1.0, 0.1). Last value repeats.
+    i.PHOTOMETRIC.BLUR_PROB = [0.5, 0.5]
+    # Gaussian blur sigma range in pixels (0.1, 2.0).
+    i.PHOTOMETRIC.BLUR_SIGMA = (0.1, 2.0)
+    # "gaussian" (MoCo/BYOL) or "resize" (SCRL: down-scale by 1.1/1.2/1.5 and back up).
+    i.PHOTOMETRIC.BLUR_TYPE = "gaussian"
+    # Solarize probability per view (BYOL: 0.0, 0.2). Last value repeats.
+    i.PHOTOMETRIC.SOLARIZE_PROB = [0.0, 0.0]
+    # Turn every photometric op off (geometry tests, visualisation).
+    i.PHOTOMETRIC.ENABLED = True
+
+    i.MULTI_CROP = CN()
+    # Number of crops per resolution (SwAV: [2, 6]).
+    i.MULTI_CROP.NUM_CROPS = [2, 6]
+    # Side of each resolution's crops (SwAV: [224, 96]).
+    i.MULTI_CROP.SIZES = [224, 96]
+    # Minimum area fraction per resolution (SwAV: [0.14, 0.05]).
+    i.MULTI_CROP.MIN_SCALES = [0.14, 0.05]
+    # Maximum area fraction per resolution (SwAV: [1.0, 0.14]).
+    i.MULTI_CROP.MAX_SCALES = [1.0, 0.14]
+
+    i.COPY_PASTE = CN()
+    # Range [lo, hi) of the random target width and height the foreground crop is rescaled to (128, 255).
+    i.COPY_PASTE.FG_SIZE = (128, 255)
+
+    i.JITTER = CN()
+    # Make an anchor-jittered copy of the query box (InsLoc's box augmentation, used for P5 only).
+    i.JITTER.ENABLED = False
+    # Stride of the anchor grid the jittered box is drawn from (InsLoc: P4, 16 px).
+    i.JITTER.ANCHOR_STRIDE = 16
+    # Anchor sizes in pixels (InsLoc: 32, 64, 128, 256).
+    i.JITTER.ANCHOR_SIZES = [32, 64, 128, 256]
+    # Anchor aspect ratios h/w (InsLoc: 0.5, 0.75, 1, 1.5, 2).
+    i.JITTER.ANCHOR_RATIOS = [0.5, 0.75, 1.0, 1.5, 2.0]
+    # An anchor qualifies when its IoU with the box exceeds this (0.5).
+    i.JITTER.IOU_THRESHOLD = 0.5
+
+    i.INTERSECTION = CN()
+    # At most this many boxes per image (SCRL: 10).
+    i.INTERSECTION.MAX_BOXES = 10
+    # Minimum box side in pixels at the coarser view's scale (SCRL: 32).
+    i.INTERSECTION.MIN_SIZE = 32
+    # A candidate is rejected if its IoU with an accepted box of the same image is >= this (0.5).
+    i.INTERSECTION.IOU_THRESHOLD = 0.5
+    # Tries per box; after that the last candidate is accepted anyway (SCRL: 50).
+    i.INTERSECTION.MAX_TRIES = 50
+
+    i.WINDOWS = CN()
+    # Sliding-window sides in query-view pixels, one per group (ReSim: [48, 32] for P4, P3).
+    i.WINDOWS.SIZES = [48]
+    # Sliding-window strides in query-view pixels, one per group (ReSim: [32, 24]).
+    i.WINDOWS.STRIDES = [32]
+
+    i.SALIENCY = CN()
+    # Where saliency masks come from: "spectral_residual" (computed on the fly) or "mask_files".
+    i.SALIENCY.SOURCE = "spectral_residual"
+    # Folder of per-image masks named like the image with a .png suffix (SOURCE "mask_files").
+    i.SALIENCY.MASK_DIR = ""
+    # Side of the pasted salient window as a fraction of the shorter image side.
+    i.SALIENCY.WINDOW_FRACTION = 0.5
+
+
+def _add_solver_keys(cfg):
+    cfg.SOLVER.REGIONSSL = CN()
+    s = cfg.SOLVER.REGIONSSL
+    # "SGD" or "LARS" (BYOL/SCRL/SwAV).
+    s.OPTIMIZER = "SGD"
+    # Nesterov momentum for SGD (InsLoc: True).
+    s.NESTEROV = False
+    # LARS trust coefficient eta (1e-3).
+    s.LARS_TRUST = 0.001
+    # LARS: biases and norm parameters get neither adaptation nor weight decay.
+    s.LARS_EXCLUDE_BIAS_AND_NORM = True
+
+
+def _add_test_keys(cfg):
+    cfg.TEST.REGIONSSL = CN()
+    t = cfg.TEST.REGIONSSL
+    # Run the view-matching retrieval probe every this many iterations (0 = never).
+    t.PROBE_PERIOD = 0
+    # Image-only dataset the probe draws its held-out images from.
+    t.PROBE_DATASET = "regionssl_demo_images"
+    # At most this many probe images.
+    t.PROBE_MAX_IMAGES = 64
