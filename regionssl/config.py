@@ -156,6 +156,8 @@ def _add_input_keys(cfg):
     i.COPY_PASTE = CN()
     # Range [lo, hi) of the random target width and height the foreground crop is rescaled to (128, 255).
     i.COPY_PASTE.FG_SIZE = (128, 255)
+    # Paste the same foreground crop in both composites (False = official: one crop per composite).
+    i.COPY_PASTE.SHARED_CROP = False
 
     i.JITTER = CN()
     # Make an anchor-jittered copy of the query box (InsLoc's box augmentation, used for P5 only).
@@ -197,10 +199,8 @@ def _add_input_keys(cfg):
 def _add_solver_keys(cfg):
     cfg.SOLVER.REGIONSSL = CN()
     s = cfg.SOLVER.REGIONSSL
-    # "SGD" or "LARS" (BYOL/SCRL/SwAV).
+    # "SGD" (Detectron2's, incl. SOLVER.NESTEROV; InsLoc uses Nesterov) or "LARS" (BYOL/SCRL/SwAV).
     s.OPTIMIZER = "SGD"
-    # Nesterov momentum for SGD (InsLoc: True).
-    s.NESTEROV = False
     # LARS trust coefficient eta (1e-3).
     s.LARS_TRUST = 0.001
     # LARS: biases and norm parameters get neither adaptation nor weight decay.

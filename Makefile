@@ -1,0 +1,19 @@
+# Two commands for a newcomer (README):
+#   make demo   set up the venv (idempotent) and run pretrain -> fine-tune -> evaluate on built-in data
+#   make test   set up the venv (idempotent) and run the test suite
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: setup demo test bench
+
+setup:
+	@bash scripts/setup_env.sh
+
+demo: setup
+	@bash scripts/demo.sh
+
+test: setup
+	@$(PY) -m pytest -q tests
+
+bench: setup
+	@$(PY) bench/run_all.py

@@ -1,0 +1,111 @@
+"""Image-only datasets for pretraining, and safe image reading.
+
+Registered names (files under ``$DETECTRON2_DATASETS``, Detectron2's convention, default
+``./datasets``):
+
+* ``coco_2017_train_images``      coco/train2017/*.jpg
+* ``coco_2017_unlabeled_images``  coco/unlabeled2017/*.jpg
+* ``imagenet_train_images``       imagenet/train/<class>/*.JPEG
+* ``folder:<path>``               any folder of images (searched recursively), registered on use.
+
+Each record is ``{"file_name", "image_id"}``: no ``"annotations"`` key, so these images can
+never be dropped by ``DATALOADER.FILTER_EMPTY_ANNOTATIONS`` (our loader does not filter anyway).
+"""
+import logging
+import os
+import warnings
+
+import numpy as np
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data import detection_utils as utils
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "list_image_files",
+    "load_image_folder",
+    "register_image_folder",
+    "register_builtin_image_datasets",
+    "ensure_registered",
+    "read_rgb_or_none",
+    "MIN_IMAGE_SIDE",
+]
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+# Images with a side shorter than this are skipped: no crop of them carries information.
+MIN_IMAGE_SIDE = 8
+
+_BUILTIN_FOLDERS = {
+    "coco_2017_train_images": "coco/train2017",
+    "coco_2017_unlabeled_images": "coco/unlabeled2017",
+    "imagenet_train_images": "imagenet/train",
+}
+
+
+def list_image_files(root):
+    """Sorted image paths under ``root`` (recursive). Raises if ``root`` is missing or has none."""
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"Image folder {root!r} does not exist (or is not a directory).")
+    files = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        dirnames.sort()
+        files.extend(os.path.join(dirpath, f) for f in sorted(filenames) if f.lower().endswith(IMAGE_EXTENSIONS))
+    if not files:
+        raise ValueError(f"Image folder {root!r} contains no images (looked for {', '.join(IMAGE_EXTENSIONS)}).")
+    return files
+
+
+def load_image_folder(root):
+    """Image-only dataset dicts for every image under ``root``."""
+    return [{"file_name": f, "image_id": i} for i, f in enumerate(list_image_files(root))]
+
+
+def register_image_folder(name, root):
+    """Register ``root`` as an image-only dataset called ``name`` (lazy: nothing is read now)."""
+    DatasetCatalog.register(name, lambda: load_image_folder(root))
+    MetadataCatalog.get(name).set(image_root=root, evaluator_type="none")
+
+
+def register_builtin_image_datasets(datasets_root=None):
+    root = datasets_root or os.path.expanduser(os.getenv("DETECTRON2_DATASETS", "datasets"))
+    for name, rel in _BUILTIN_FOLDERS.items():
+        if name not in DatasetCatalog:
+            register_image_folder(name, os.path.join(root, rel))
+
+
+def ensure_registered(names):
+    """Register every ``folder:<path>`` name on the fly; fail clearly on unknown names."""
+    for name in names:
+        if name in DatasetCatalog:
+            continue
+        if name.startswith("folder:"):
+            register_image_folder(name, os.path.expanduser(name[len("folder:"):]))
+        else:
+            raise KeyError(
+                f"Dataset {name!r} is not registered. Use a registered name, or 'folder:/path/to/images' "
+                f"for any folder of images. Registered: {', '.join(sorted(DatasetCatalog.list()))}"
+            )
+
+
+def read_rgb_or_none(file_name):
+    """Decode ``file_name`` to (H, W, 3) uint8 RGB, honouring EXIF orientation.
+
+    Grayscale, CMYK, palette and RGBA images are converted to RGB (Detectron2's ``read_image``).
+    A file that cannot be decoded (corrupt, truncated, not an image) or is smaller than
+    ``MIN_IMAGE_SIDE`` gives a warning naming the file and returns None, so the loader skips it.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # PIL's DecompressionBomb/EXIF chatter
+            image = utils.read_image(file_name, format="RGB")
+    except Exception as e:  # noqa: BLE001 - any decoder error means "skip this file"
+        logger.warning(f"Skipping unreadable image {file_name}: {type(e).__name__}: {e}")
+        return None
+    if image.ndim != 3 or image.shape[2] != 3:
+        logger.warning(f"Skipping image {file_name}: unexpected shape {image.shape}")
+        return None
+    if min(image.shape[:2]) < MIN_IMAGE_SIDE:
+        logger.warning(f"Skipping image {file_name}: size {image.shape[1]}x{image.shape[0]} is below {MIN_IMAGE_SIDE} px")
+        return None
+    return np.ascontiguousarray(image)

@@ -1,0 +1,164 @@
+"""The pretraining dataset mapper: one dataset dict -> one dict of views and aligned boxes.
+
+Output (DESIGN.md §3), for V views and R regions:
+
+* ``"views"``: list of V uint8 tensors (3, H_v, W_v), RGB.
+* ``"boxes"``: list of V float32 tensors (R, 4), XYXY in each view's pixels; row i of every view
+  is the same region of the original image (except ``WholeView``/``PastedBox``, see regions.py).
+* ``"valid"``: (R,) bool, region lies fully inside every view it must be checked in.
+* ``"box_groups"``: (R,) int64 group of each region (ReSim: window set / FPN level).
+* ``"jittered_boxes"``: (R, 4) float32, InsLoc's anchor-jittered query (view 0) boxes, if enabled.
+* ``"masks"``: list of V float32 tensors (H_v, W_v), saliency masks, if the generator makes them.
+* ``"height"``, ``"width"`` (original image), ``"image_id"``, ``"file_name"``.
+
+Bad images (corrupt, unreadable, tiny) and pairs that yield no valid region after
+``MAX_RESAMPLE`` re-draws return None with a warning naming the file; Detectron2's
+``MapDataset`` then draws another image, so the training loop never dies on one bad file.
+"""
+import copy
+import logging
+import random
+
+import numpy as np
+import torch
+from detectron2.config import configurable
+from detectron2.data import transforms as T
+
+from .datasets import read_rgb_or_none
+from .photometric import build_photometric_augmentations
+from .regions import anchor_jitter, build_region_sampler
+from .views import build_view_generator
+
+__all__ = ["RegionSSLDatasetMapper", "BackgroundSource"]
+
+logger = logging.getLogger(__name__)
+
+# A box counts as inside a view if it exceeds the view by at most this many pixels (float noise).
+_INSIDE_TOL = 1e-3
+
+
+class BackgroundSource:
+    """Random images of the dataset, used as backgrounds by compositing view generators."""
+
+    def __init__(self, file_names, max_tries=10):
+        if not file_names:
+            raise ValueError("BackgroundSource needs at least one image")
+        self.file_names, self.max_tries = list(file_names), max_tries
+
+    def __call__(self):
+        for _ in range(self.max_tries):
+            image = read_rgb_or_none(random.choice(self.file_names))
+            if image is not None:
+                return image
+        raise RuntimeError(f"No readable background image after {self.max_tries} tries")
+
+
+class RegionSSLDatasetMapper:
+    """Make views with ``view_generator``, regions with ``region_sampler``, then per-view
+    photometric augmentations (``photometric[v]``, last list repeats for extra views)."""
+
+    @configurable
+    def __init__(self, *, view_generator, region_sampler, photometric, max_resample=10, jitter=None):
+        self.view_generator = view_generator
+        self.region_sampler = region_sampler
+        self.photometric = [T.AugmentationList(augs) for augs in photometric]
+        self.max_resample = max_resample
+        self.jitter = jitter
+
+    @classmethod
+    def from_config(cls, cfg, dataset_dicts=None):
+        c = cfg.INPUT.REGIONSSL
+        background = BackgroundSource([d["file_name"] for d in dataset_dicts]) if dataset_dicts else None
+        p = c.PHOTOMETRIC
+        n = max(len(p.BLUR_PROB), len(p.SOLARIZE_PROB))
+        photometric = []
+        for v in range(n if p.ENABLED else 1):
+            if not p.ENABLED:
+                photometric.append([])
+                continue
+            photometric.append(
+                build_photometric_augmentations(
+                    jitter=tuple(p.COLOR_JITTER),
+                    jitter_prob=p.COLOR_JITTER_PROB,
+                    grayscale_prob=p.GRAYSCALE_PROB,
+                    blur_prob=p.BLUR_PROB[min(v, len(p.BLUR_PROB) - 1)],
+                    blur_sigma=tuple(p.BLUR_SIGMA),
+                    blur_type=p.BLUR_TYPE,
+                    solarize_prob=p.SOLARIZE_PROB[min(v, len(p.SOLARIZE_PROB) - 1)],
+                )
+            )
+        jitter = None
+        if c.JITTER.ENABLED:
+            j = c.JITTER
+            jitter = dict(
+                stride=j.ANCHOR_STRIDE, sizes=list(j.ANCHOR_SIZES), ratios=list(j.ANCHOR_RATIOS), iou_threshold=j.IOU_THRESHOLD
+            )
+        return {
+            "view_generator": build_view_generator(cfg, background_source=background),
+            "region_sampler": build_region_sampler(cfg),
+            "photometric": photometric,
+            "max_resample": c.MAX_RESAMPLE,
+            "jitter": jitter,
+        }
+
+    def _views_and_regions(self, image):
+        """Draw views and regions until at least one region is valid (bounded)."""
+        for _ in range(self.max_resample + 1):
+            views = self.view_generator(image)
+            regions = self.region_sampler(views)
+            if regions.view_boxes is not None:
+                boxes = [b.astype(np.float64) for b in regions.view_boxes]
+                valid = np.ones(len(boxes[0]), dtype=bool)
+            else:
+                boxes = [v.transform.apply_box(regions.boxes) if len(regions.boxes) else regions.boxes for v in views]
+                valid = np.ones(len(regions.boxes), dtype=bool)
+                for vi in regions.check_views or range(len(views)):
+                    h, w = views[vi].image.shape[:2]
+                    b = boxes[vi]
+                    valid &= (b[:, 0] >= -_INSIDE_TOL) & (b[:, 1] >= -_INSIDE_TOL)
+                    valid &= (b[:, 2] <= w + _INSIDE_TOL) & (b[:, 3] <= h + _INSIDE_TOL)
+            if valid.any():
+                return views, regions, boxes, valid
+        return None
+
+    def __call__(self, dataset_dict):
+        dataset_dict = copy.copy(dataset_dict)
+        file_name = dataset_dict["file_name"]
+        image = read_rgb_or_none(file_name)
+        if image is None:
+            return None
+        drawn = self._views_and_regions(image)
+        if drawn is None:
+            logger.warning(
+                f"Skipping {file_name}: no valid region in {self.max_resample + 1} draws of views "
+                f"(views do not overlap enough for {type(self.region_sampler).__name__})"
+            )
+            return None
+        views, regions, boxes, valid = drawn
+        out = {
+            "file_name": file_name,
+            "image_id": dataset_dict.get("image_id", file_name),
+            "height": image.shape[0],
+            "width": image.shape[1],
+            "views": [],
+            "boxes": [torch.as_tensor(b, dtype=torch.float32).reshape(-1, 4) for b in boxes],
+            "valid": torch.as_tensor(valid),
+            "box_groups": torch.as_tensor(regions.groups, dtype=torch.int64),
+        }
+        for v, view in enumerate(views):
+            aug = self.photometric[min(v, len(self.photometric) - 1)]
+            pixels = view.image
+            if aug.augs:
+                aug_input = T.AugInput(view.image)
+                aug(aug_input)
+                pixels = aug_input.image
+            out["views"].append(torch.as_tensor(np.ascontiguousarray(pixels.transpose(2, 0, 1))))
+        if any(view.mask is not None for view in views):
+            out["masks"] = [torch.as_tensor(view.mask, dtype=torch.float32) for view in views]
+        if self.jitter is not None:
+            h, w = views[0].image.shape[:2]
+            jittered = [anchor_jitter(b, (h, w), **self.jitter) for b in boxes[0]]
+            out["jittered_boxes"] = torch.as_tensor(np.stack(jittered), dtype=torch.float32).reshape(-1, 4)
+        for key, value in regions.extras.items():
+            out[key] = torch.as_tensor(value)
+        return out

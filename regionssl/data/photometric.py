@@ -1,0 +1,267 @@
+"""Photometric augmentations (MoCo-v2 / BYOL / SCRL) as Detectron2 ``Augmentation``s.
+
+Every transform here changes pixel values only: ``apply_coords``, ``apply_box`` and
+``apply_segmentation`` return their input unchanged, so boxes sampled before these ops stay valid.
+Images are (H, W, 3) uint8 RGB arrays in and out. The colour ops follow the semantics of
+``torchvision.transforms.functional`` (brightness = blend with black, contrast = blend with the
+mean of the grayscale image, saturation = blend with the grayscale image, hue = rotation in HSV,
+grayscale weights 0.2989/0.587/0.114) but round to nearest where torchvision truncates, so
+results agree within 1-2 intensity levels. Brightness, contrast and solarize are uint8 lookup
+tables; only the hue rotation goes through float32.
+
+Augmentations draw their randomness from ``np.random`` (seeded per data-loader worker by Detectron2)
+and return ``NoOpTransform`` when their probability test fails. Detectron2's own ``ColorTransform``
+wraps an opaque callable; the transforms below keep their drawn factors as attributes instead, so
+``repr`` shows what was applied.
+"""
+import cv2
+import numpy as np
+from detectron2.data.transforms import Augmentation, NoOpTransform, Transform
+
+__all__ = [
+    "ColorJitterTransform", "GrayscaleTransform", "GaussianBlurTransform", "ResizeBlurTransform",
+    "SolarizeTransform", "RandomColorJitter", "RandomGrayscale", "RandomGaussianBlur",
+    "RandomResizeBlur", "RandomSolarize", "build_photometric_augmentations", "adjust_brightness",
+    "adjust_contrast", "adjust_saturation", "adjust_hue",
+]
+
+_GRAY_WEIGHTS = np.array([[0.2989, 0.587, 0.114]], dtype=np.float32)  # torchvision's (R, G, B)
+
+
+def _check(img):
+    assert img.dtype == np.uint8 and img.ndim == 3 and img.shape[2] == 3, (
+        f"expected an (H, W, 3) uint8 RGB image, got {img.dtype} {img.shape}"
+    )
+
+
+def _gray(img):
+    """(H, W, 3) uint8 -> (H, W) uint8 luma with torchvision's weights (rounded)."""
+    return cv2.transform(img, _GRAY_WEIGHTS).reshape(img.shape[:2])
+
+
+def _lut(values):
+    """Float table over 0..255 -> rounded, saturated uint8 lookup table."""
+    return np.clip(np.rint(values), 0, 255).astype(np.uint8)
+
+
+_LEVELS = np.arange(256, dtype=np.float64)
+
+
+def adjust_brightness(img, factor):
+    """Blend with black: ``factor * img``."""
+    return cv2.LUT(img, _lut(factor * _LEVELS))
+
+
+def adjust_contrast(img, factor):
+    """Blend with the image's mean luma m: ``factor * img + (1 - factor) * m``."""
+    mean = float(_gray(img).mean()) if img.size else 0.0
+    return cv2.LUT(img, _lut(factor * _LEVELS + (1.0 - factor) * mean))
+
+
+def adjust_saturation(img, factor):
+    """Blend with the per-pixel luma: ``factor * img + (1 - factor) * gray``."""
+    gray = cv2.cvtColor(_gray(img), cv2.COLOR_GRAY2RGB)
+    return cv2.addWeighted(img, factor, gray, 1.0 - factor, 0.0)
+
+
+def adjust_hue(img, factor):
+    """Rotate the hue by ``factor`` turns (in [-0.5, 0.5]), keeping saturation and value."""
+    hsv = cv2.cvtColor(img.astype(np.float32) * (1.0 / 255.0), cv2.COLOR_RGB2HSV)  # H in degrees
+    hsv[..., 0] = np.mod(hsv[..., 0] + 360.0 * factor, 360.0)
+    rgb = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
+    return np.clip(rgb * 255.0 + 0.5, 0, 255).astype(np.uint8)
+
+
+class _PixelTransform(Transform):
+    """Base class: geometry-free transforms (identity on coordinates, boxes and masks)."""
+
+    def apply_coords(self, coords):
+        return coords
+
+    def apply_box(self, box):
+        return box
+
+    def apply_segmentation(self, segmentation):
+        return segmentation
+
+    def inverse(self):
+        return NoOpTransform()
+
+
+class ColorJitterTransform(_PixelTransform):
+    """Brightness/contrast/saturation/hue with fixed factors (None = skip), applied in ``order``
+    (a permutation of 0..3 = brightness, contrast, saturation, hue), as torchvision ColorJitter."""
+
+    def __init__(self, brightness=None, contrast=None, saturation=None, hue=None,
+                 order=(0, 1, 2, 3)):
+        super().__init__()
+        self._set_attributes(locals())
+
+    def apply_image(self, img):
+        _check(img)
+        ops = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
+        factors = (self.brightness, self.contrast, self.saturation, self.hue)
+        for i in self.order:
+            if factors[i] is not None:
+                img = ops[i](img, factors[i])
+        return img
+
+
+class GrayscaleTransform(_PixelTransform):
+    """Luma replicated to 3 channels (torchvision ``rgb_to_grayscale(num_output_channels=3)``)."""
+
+    def apply_image(self, img):
+        _check(img)
+        return cv2.cvtColor(_gray(img), cv2.COLOR_GRAY2RGB)
+
+
+class GaussianBlurTransform(_PixelTransform):
+    """Gaussian blur with std ``sigma`` pixels; kernel 2*ceil(4 sigma)+1 with reflect-101 borders
+    (torchvision's padding). MoCo uses PIL's blur of radius sigma, BYOL a 23-px kernel: beyond
+    4 sigma the weights are < 1e-4, invisible in uint8."""
+
+    def __init__(self, sigma):
+        super().__init__()
+        self._set_attributes(locals())
+
+    def apply_image(self, img):
+        _check(img)
+        k = 2 * int(np.ceil(4.0 * self.sigma)) + 1
+        return cv2.GaussianBlur(
+            img, (k, k), sigmaX=self.sigma, sigmaY=self.sigma, borderType=cv2.BORDER_REFLECT_101
+        )
+
+
+class ResizeBlurTransform(_PixelTransform):
+    """SCRL's ``ResizeBlur``: downscale by ``factor`` (size ``int(side // factor)``), then upscale
+    back, both bicubic (cv2's bicubic, which unlike PIL's does not antialias the downscale)."""
+
+    def __init__(self, factor):
+        super().__init__()
+        self._set_attributes(locals())
+
+    def apply_image(self, img):
+        _check(img)
+        h, w = img.shape[:2]
+        small = (max(1, int(w // self.factor)), max(1, int(h // self.factor)))  # cv2 takes (w, h)
+        img = cv2.resize(img, small, interpolation=cv2.INTER_CUBIC)
+        return cv2.resize(img, (w, h), interpolation=cv2.INTER_CUBIC)
+
+
+class SolarizeTransform(_PixelTransform):
+    """Invert every value >= ``threshold`` (BYOL: 0.5 on [0, 1] images = 128 on uint8)."""
+
+    def __init__(self, threshold=128):
+        super().__init__()
+        self._set_attributes(locals())
+
+    def apply_image(self, img):
+        _check(img)
+        return cv2.LUT(img, _lut(np.where(_LEVELS >= self.threshold, 255 - _LEVELS, _LEVELS)))
+
+
+class RandomColorJitter(Augmentation):
+    """With probability ``prob``, torchvision-style ColorJitter: factors for brightness, contrast,
+    saturation ~ U(max(0, 1 - s), 1 + s), hue ~ U(-h, h); ops in a random order; a strength of 0
+    disables its op. MoCo-v2/InsLoc/ReSim: (0.4, 0.4, 0.4, 0.1) p=0.8; BYOL/SCRL: (0.4, 0.4, 0.2,
+    0.1) p=0.8; SwAV: (0.8, 0.8, 0.8, 0.2) p=0.8."""
+
+    def __init__(self, brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1, prob=0.8):
+        super().__init__()
+        assert 0 <= hue <= 0.5, "hue strength must be in [0, 0.5]"
+        self._init(locals())
+
+    def _factor(self, strength):
+        if strength == 0:
+            return None
+        return float(np.random.uniform(max(0.0, 1 - strength), 1 + strength))
+
+    def get_transform(self, image):
+        if np.random.rand() >= self.prob:
+            return NoOpTransform()
+        order = tuple(int(i) for i in np.random.permutation(4))
+        hue = None if self.hue == 0 else float(np.random.uniform(-self.hue, self.hue))
+        return ColorJitterTransform(
+            self._factor(self.brightness), self._factor(self.contrast),
+            self._factor(self.saturation), hue, order,
+        )
+
+
+class RandomGrayscale(Augmentation):
+    def __init__(self, prob=0.2):
+        super().__init__()
+        self._init(locals())
+
+    def get_transform(self, image):
+        return GrayscaleTransform() if np.random.rand() < self.prob else NoOpTransform()
+
+
+class RandomGaussianBlur(Augmentation):
+    """With probability ``prob``, Gaussian blur with sigma ~ U(sigma) (MoCo-v2: (0.1, 2.0), 0.5)."""
+
+    def __init__(self, sigma=(0.1, 2.0), prob=0.5):
+        super().__init__()
+        self._init(locals())
+
+    def get_transform(self, image):
+        if np.random.rand() >= self.prob:
+            return NoOpTransform()
+        return GaussianBlurTransform(float(np.random.uniform(*self.sigma)))
+
+
+class RandomResizeBlur(Augmentation):
+    """With probability ``prob``, SCRL's resize blur with a factor drawn from ``factors``
+    (SCRL ``max_level=3``: {1.1, 1.2, 1.5})."""
+
+    def __init__(self, factors=(1.1, 1.2, 1.5), prob=0.5):
+        super().__init__()
+        self._init(locals())
+
+    def get_transform(self, image):
+        if np.random.rand() >= self.prob:
+            return NoOpTransform()
+        return ResizeBlurTransform(float(self.factors[np.random.randint(len(self.factors))]))
+
+
+class RandomSolarize(Augmentation):
+    def __init__(self, threshold=128, prob=0.2):
+        super().__init__()
+        self._init(locals())
+
+    def get_transform(self, image):
+        if np.random.rand() >= self.prob:
+            return NoOpTransform()
+        return SolarizeTransform(self.threshold)
+
+
+def build_photometric_augmentations(
+    jitter=(0.4, 0.4, 0.4, 0.1), jitter_prob=0.8, grayscale_prob=0.2, blur_prob=0.5,
+    blur_sigma=(0.1, 2.0), blur_type="gaussian", solarize_prob=0.0,
+):
+    """Photometric pipeline of one view in MoCo-v2/BYOL order: colour jitter (p), grayscale, blur,
+    solarize. ReSim's order differs (blur first, then jitter and grayscale; METHODS.md §6.1).
+
+    Args:
+        jitter: (brightness, contrast, saturation, hue) strengths.
+        jitter_prob, grayscale_prob, blur_prob, solarize_prob: probabilities; ops with
+            probability 0 are left out of the list.
+        blur_sigma: Gaussian sigma range in pixels.
+        blur_type: "gaussian" (MoCo/BYOL) or "resize" (SCRL's ResizeBlur, factors 1.1/1.2/1.5).
+
+    Returns:
+        list[Augmentation], for ``T.AugmentationList``.
+    """
+    assert blur_type in ("gaussian", "resize"), f"unknown blur_type {blur_type!r}"
+    augs = []
+    if jitter_prob > 0 and any(s > 0 for s in jitter):
+        augs.append(RandomColorJitter(*jitter, prob=jitter_prob))
+    if grayscale_prob > 0:
+        augs.append(RandomGrayscale(grayscale_prob))
+    if blur_prob > 0:
+        if blur_type == "gaussian":
+            augs.append(RandomGaussianBlur(tuple(blur_sigma), blur_prob))
+        else:
+            augs.append(RandomResizeBlur(prob=blur_prob))
+    if solarize_prob > 0:
+        augs.append(RandomSolarize(128, solarize_prob))
+    return augs

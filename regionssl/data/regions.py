@@ -1,0 +1,229 @@
+"""Region samplers: which regions are matched across the views of one image.
+
+A sampler returns a :class:`RegionSet` with boxes in **original-image** coordinates; the mapper
+moves them into every view with that view's ``transform.apply_box``. So row i of every view's
+boxes covers the same original pixels by construction. Exceptions are documented per sampler.
+
+Registered samplers (``INPUT.REGIONSSL.REGION_SAMPLER``):
+
+* ``WholeView``         each view's full extent (global methods; rows are *not* the same pixels).
+* ``PastedBox``         the foreground crop of a CopyPaste view pair (InsLoc).
+* ``IntersectionBoxes`` SCRL's random boxes inside the views' intersection (METHODS §2.2).
+* ``SlidingWindows``    ReSim's windows laid on the query view (view 0) (METHODS §6.2).
+
+Also :func:`anchor_jitter`, InsLoc's box augmentation for the query view.
+"""
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+from detectron2.config import configurable
+from detectron2.modeling.anchor_generator import DefaultAnchorGenerator
+from detectron2.structures import Boxes, pairwise_iou
+from detectron2.utils.registry import Registry
+
+__all__ = ["RegionSet", "REGION_SAMPLER_REGISTRY", "build_region_sampler", "anchor_jitter", "box_iou_np"]
+
+REGION_SAMPLER_REGISTRY = Registry("REGIONSSL_REGION_SAMPLER")
+REGION_SAMPLER_REGISTRY.__doc__ = "Picks regions matched across views; see regionssl/data/regions.py."
+
+
+@dataclass
+class RegionSet:
+    """Regions of one image.
+
+    Attributes:
+        boxes: (R, 4) float64 XYXY in original-image pixels, or None when ``view_boxes`` is given.
+        view_boxes: per view (R, 4) boxes already in view pixels (WholeView only).
+        groups: (R,) int64 group id of each row (e.g. ReSim's window set: 0 = P4, 1 = P3).
+        check_views: indices of the views a region must lie fully inside to be valid.
+    """
+
+    boxes: Optional[np.ndarray]
+    groups: np.ndarray
+    view_boxes: Optional[List[np.ndarray]] = None
+    check_views: Optional[List[int]] = None
+    extras: Dict[str, np.ndarray] = field(default_factory=dict)
+
+
+def build_region_sampler(cfg):
+    name = cfg.INPUT.REGIONSSL.REGION_SAMPLER
+    if name not in REGION_SAMPLER_REGISTRY:
+        raise KeyError(
+            f"INPUT.REGIONSSL.REGION_SAMPLER={name!r} is not a registered region sampler; "
+            f"choose one of {sorted(k for k, _ in REGION_SAMPLER_REGISTRY)}"
+        )
+    return REGION_SAMPLER_REGISTRY.get(name)(cfg)
+
+
+def box_iou_np(a, b):
+    """IoU matrix (len(a), len(b)) of XYXY boxes."""
+    a, b = np.asarray(a, dtype=np.float64).reshape(-1, 4), np.asarray(b, dtype=np.float64).reshape(-1, 4)
+    lt = np.maximum(a[:, None, :2], b[None, :, :2])
+    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = np.prod(np.clip(rb - lt, 0, None), axis=2)
+    area_a = np.prod(a[:, 2:] - a[:, :2], axis=1)
+    area_b = np.prod(b[:, 2:] - b[:, :2], axis=1)
+    return inter / np.maximum(area_a[:, None] + area_b[None, :] - inter, 1e-12)
+
+
+def _empty(n=0):
+    return np.zeros((n, 4), dtype=np.float64)
+
+
+@REGION_SAMPLER_REGISTRY.register()
+class WholeView:
+    """One region per view: the whole view. Rows are NOT the same original pixels across views."""
+
+    def __init__(self, cfg=None):
+        pass
+
+    def __call__(self, views):
+        boxes = [np.array([[0, 0, v.image.shape[1], v.image.shape[0]]], dtype=np.float64) for v in views]
+        return RegionSet(boxes=None, view_boxes=boxes, groups=np.zeros(1, dtype=np.int64))
+
+
+@REGION_SAMPLER_REGISTRY.register()
+class PastedBox:
+    """InsLoc: the pasted foreground rectangle of each CopyPaste view.
+
+    The official data pipeline (InstanceLoc ``copy_and_paste.py``) draws an *independent* crop of
+    the foreground image for each composite, so the two boxes show two crops of one image (as in
+    MoCo), not the same pixels; with ``INPUT.REGIONSSL.COPY_PASTE.SHARED_CROP`` both composites
+    paste the same crop and the rows do cover the same original pixels. Either way view v's box
+    is its own ``source_box`` moved by its own transform.
+    """
+
+    def __init__(self, cfg=None):
+        pass
+
+    def __call__(self, views):
+        boxes = [v.transform.apply_box(v.source_box[None])[0:1] for v in views]
+        return RegionSet(boxes=None, view_boxes=boxes, groups=np.zeros(1, dtype=np.int64))
+
+
+@REGION_SAMPLER_REGISTRY.register()
+class IntersectionBoxes:
+    """SCRL's boxes in the intersection of views 0 and 1 (METHODS §2.2, post-fix official code).
+
+    In original coordinates the intersection is ``[l, r] x [t, b]``; measured at the coarser
+    view's magnification ``s = min(S/w_0, S/w_1)`` (per axis) it is ``W x H`` px. If ``W`` or ``H``
+    is ``<= min_size`` there are no boxes. Otherwise up to ``max_boxes`` boxes are drawn on a
+    random grid (``div ~ U{1..floor(W/min_size)}`` cells per axis, a random cell, a random box of
+    side ``>= min_size`` inside it), rejected while IoU with an accepted box is ``>= iou_threshold``,
+    and after ``max_tries`` failed tries the last candidate is accepted anyway (soft rejection).
+    """
+
+    @configurable
+    def __init__(self, *, max_boxes, min_size, iou_threshold, max_tries):
+        self.max_boxes, self.min_size = max_boxes, min_size
+        self.iou_threshold, self.max_tries = iou_threshold, max_tries
+
+    @classmethod
+    def from_config(cls, cfg):
+        c = cfg.INPUT.REGIONSSL.INTERSECTION
+        return {
+            "max_boxes": c.MAX_BOXES,
+            "min_size": c.MIN_SIZE,
+            "iou_threshold": c.IOU_THRESHOLD,
+            "max_tries": c.MAX_TRIES,
+        }
+
+    def _axis_candidate(self, extent):
+        """One box side on an axis of ``extent`` px (coarse-view pixels): returns (start, length)."""
+        div = np.random.randint(1, int(extent // self.min_size) + 1)
+        cell = extent / div
+        length = np.random.randint(self.min_size, int(cell) + 1)
+        start = np.random.randint(0, int(cell) - length + 1) + int(np.floor(np.random.randint(div) * cell))
+        return start, length
+
+    def __call__(self, views):
+        a, b = views[0], views[1]
+        l, t = np.maximum(a.source_box[:2], b.source_box[:2])
+        r, btm = np.minimum(a.source_box[2:], b.source_box[2:])
+        groups = np.zeros(0, dtype=np.int64)
+        if r <= l or btm <= t:
+            return RegionSet(boxes=_empty(), groups=groups, check_views=[0, 1])
+        # coarser magnification per axis (view pixels per original pixel)
+        sw = min(v.image.shape[1] / (v.source_box[2] - v.source_box[0]) for v in (a, b))
+        sh = min(v.image.shape[0] / (v.source_box[3] - v.source_box[1]) for v in (a, b))
+        W, H = int(round((r - l) * sw)), int(round((btm - t) * sh))
+        if W <= self.min_size or H <= self.min_size:
+            return RegionSet(boxes=_empty(), groups=groups, check_views=[0, 1])
+        accepted = []
+        for _ in range(self.max_boxes):
+            for _ in range(self.max_tries):
+                x, w = self._axis_candidate(W)
+                y, h = self._axis_candidate(H)
+                cand = np.array([l + x / sw, t + y / sh, l + (x + w) / sw, t + (y + h) / sh])
+                if not accepted or box_iou_np(cand, np.stack(accepted)).max() < self.iou_threshold:
+                    break
+            accepted.append(cand)
+        boxes = np.stack(accepted)
+        return RegionSet(boxes=boxes, groups=np.zeros(len(boxes), dtype=np.int64), check_views=[0, 1])
+
+
+@REGION_SAMPLER_REGISTRY.register()
+class SlidingWindows:
+    """ReSim's windows (METHODS §6.2): for each group g, windows of side ``sizes[g]`` every
+    ``strides[g]`` px on the query view (view 0), kept while ``x0 + size < S`` (36 windows of 48/32
+    and 64 of 32/24 on a 224 view), mapped to the original image with the query's inverse
+    transform. The mapper marks a window invalid unless it lies fully inside the key view."""
+
+    @configurable
+    def __init__(self, *, sizes, strides):
+        assert len(sizes) == len(strides)
+        self.sizes, self.strides = list(sizes), list(strides)
+
+    @classmethod
+    def from_config(cls, cfg):
+        c = cfg.INPUT.REGIONSSL.WINDOWS
+        return {"sizes": c.SIZES, "strides": c.STRIDES}
+
+    @staticmethod
+    def grid(view_h, view_w, size, stride):
+        """(N, 4) XYXY windows in view pixels, row-major."""
+        xs = np.arange(0, view_w, stride)
+        ys = np.arange(0, view_h, stride)
+        xs, ys = xs[xs + size < view_w], ys[ys + size < view_h]
+        yy, xx = np.meshgrid(ys, xs, indexing="ij")
+        x0, y0 = xx.reshape(-1).astype(np.float64), yy.reshape(-1).astype(np.float64)
+        return np.stack([x0, y0, x0 + size, y0 + size], axis=1)
+
+    def __call__(self, views):
+        q = views[0]
+        h, w = q.image.shape[:2]
+        windows = [self.grid(h, w, s, st) for s, st in zip(self.sizes, self.strides)]
+        groups = np.concatenate([np.full(len(win), g, dtype=np.int64) for g, win in enumerate(windows)])
+        boxes = q.transform.inverse().apply_box(np.concatenate(windows))
+        return RegionSet(boxes=boxes, groups=groups, check_views=list(range(len(views))))
+
+
+_ANCHOR_CACHE = {}
+
+
+def anchor_jitter(box, view_hw, *, stride, sizes, ratios, iou_threshold):
+    """InsLoc's box augmentation: a random anchor with IoU > ``iou_threshold`` to ``box``.
+
+    Anchors come from Detectron2's ``DefaultAnchorGenerator`` on one grid of ``stride`` px over a
+    view of size ``view_hw``. If no anchor qualifies, the best-IoU anchor is used (the official
+    code falls back to the top anchors by IoU).
+
+    Args:
+        box: (4,) XYXY in view pixels.
+    Returns:
+        (4,) float64 XYXY, the chosen anchor.
+    """
+    key = (tuple(view_hw), stride, tuple(sizes), tuple(ratios))
+    if key not in _ANCHOR_CACHE:
+        gen = DefaultAnchorGenerator(sizes=[list(sizes)], aspect_ratios=[list(ratios)], strides=[stride], offset=0.5)
+        grid = [(int(np.ceil(view_hw[0] / stride)), int(np.ceil(view_hw[1] / stride)))]
+        _ANCHOR_CACHE[key] = Boxes(gen._grid_anchors(grid)[0])
+    anchors = _ANCHOR_CACHE[key]
+    iou = pairwise_iou(Boxes(torch.as_tensor(np.asarray(box, dtype=np.float32)[None])), anchors)[0]
+    candidates = torch.nonzero(iou > iou_threshold).flatten()
+    if len(candidates) == 0:
+        candidates = iou.argmax().view(1)
+    pick = candidates[np.random.randint(len(candidates))]
+    return anchors.tensor[pick].double().numpy()

@@ -1,0 +1,133 @@
+"""Trainers: DefaultTrainer subclasses for pretraining and for detection fine-tuning.
+
+Both differ from DefaultTrainer in one place only, model wrapping: Detectron2's
+``create_ddp_model`` passes ``device_ids=[local_rank]``, which DistributedDataParallel rejects
+for a CPU model, so ``--num-gpus N`` on a CPU machine would crash. Everything else (hooks,
+writers with ETA, checkpointing, resume) is Detectron2's.
+"""
+import logging
+import os
+import weakref
+from collections import OrderedDict
+
+from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase, create_ddp_model, hooks
+from detectron2.evaluation import COCOEvaluator, PascalVOCDetectionEvaluator
+from detectron2.data import MetadataCatalog
+from detectron2.modeling import META_ARCH_REGISTRY
+from detectron2.solver import build_optimizer as d2_build_optimizer
+from detectron2.solver.build import maybe_add_gradient_clipping
+from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
+
+from ..checkpoint import FormatTag, RegionSSLCheckpointer
+from ..data.build import build_pretrain_train_loader
+from ..modeling.meta_arch.base import RegionSSLBase
+
+__all__ = ["PretrainTrainer", "FinetuneTrainer", "trainer_for", "is_pretraining", "wrap_ddp"]
+
+
+def is_pretraining(cfg):
+    """True if ``MODEL.META_ARCHITECTURE`` names a regionssl pretraining model."""
+    name = cfg.MODEL.META_ARCHITECTURE
+    return name in META_ARCH_REGISTRY and issubclass(META_ARCH_REGISTRY.get(name), RegionSSLBase)
+
+
+def trainer_for(cfg):
+    return PretrainTrainer if is_pretraining(cfg) else FinetuneTrainer
+
+
+def wrap_ddp(model, find_unused_parameters=False):
+    """``create_ddp_model`` that also works for CPU models (gloo): no device_ids there."""
+    device_ids = None if next(model.parameters()).device.type == "cpu" else [comm.get_local_rank()]
+    return create_ddp_model(
+        model, broadcast_buffers=False, device_ids=device_ids, find_unused_parameters=find_unused_parameters
+    )
+
+
+class _Trainer(DefaultTrainer):
+    # Pretraining models may leave parameters without gradient on some steps (e.g. SwAV's
+    # frozen prototypes, FPN outputs unused by a level subset).
+    find_unused_parameters = False
+
+    def __init__(self, cfg):
+        TrainerBase.__init__(self)
+        logger = logging.getLogger("detectron2")
+        if not logger.isEnabledFor(logging.INFO):
+            setup_logger()
+        cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
+        model = self.build_model(cfg)
+        optimizer = self.build_optimizer(cfg, model)
+        data_loader = self.build_train_loader(cfg)
+        model = wrap_ddp(model, self.find_unused_parameters)
+        self._trainer = (AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer)(model, data_loader, optimizer)
+        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
+        self.checkpointer = self.build_checkpointer(cfg, model, trainer=weakref.proxy(self))
+        self.start_iter = 0
+        self.max_iter = cfg.SOLVER.MAX_ITER
+        self.cfg = cfg
+        self.register_hooks(self.build_hooks())
+
+    @classmethod
+    def build_checkpointer(cls, cfg, model, **checkpointables):
+        return RegionSSLCheckpointer(model, cfg.OUTPUT_DIR, **checkpointables)
+
+    @classmethod
+    def build_optimizer(cls, cfg, model):
+        name = cfg.SOLVER.REGIONSSL.OPTIMIZER
+        if name == "SGD":
+            return d2_build_optimizer(cfg, model)
+        if name == "LARS":
+            from ..solver import LARS, build_lars_param_groups
+
+            groups = build_lars_param_groups(
+                model, cfg.SOLVER.BASE_LR, cfg.SOLVER.WEIGHT_DECAY, cfg.SOLVER.REGIONSSL.LARS_EXCLUDE_BIAS_AND_NORM
+            )
+            opt = LARS(groups, lr=cfg.SOLVER.BASE_LR, momentum=cfg.SOLVER.MOMENTUM, trust_coefficient=cfg.SOLVER.REGIONSSL.LARS_TRUST)
+            return maybe_add_gradient_clipping(cfg, opt)
+        raise ValueError(f"SOLVER.REGIONSSL.OPTIMIZER must be 'SGD' or 'LARS', not {name!r}")
+
+
+class PretrainTrainer(_Trainer):
+    """Self-supervised pretraining: image-only loader, no evaluator, regionssl hooks."""
+
+    find_unused_parameters = True
+
+    @classmethod
+    def build_checkpointer(cls, cfg, model, **checkpointables):
+        tag = FormatTag(cfg.MODEL.META_ARCHITECTURE)
+        return RegionSSLCheckpointer(model, cfg.OUTPUT_DIR, regionssl=tag, **checkpointables)
+
+    @classmethod
+    def build_train_loader(cls, cfg):
+        from .hooks import RememberLastBatch
+
+        loader = build_pretrain_train_loader(cfg)
+        return RememberLastBatch(loader) if cfg.VIS_PERIOD > 0 else loader
+
+    def build_hooks(self):
+        from .hooks import build_pretrain_hooks
+
+        ret = [h for h in super().build_hooks() if not isinstance(h, (hooks.EvalHook, hooks.PreciseBN))]
+        # writers must stay last so they see what the other hooks logged
+        writers = [h for h in ret if isinstance(h, hooks.PeriodicWriter)]
+        others = [h for h in ret if not isinstance(h, hooks.PeriodicWriter)]
+        return others + build_pretrain_hooks(self.cfg, self) + writers
+
+    @classmethod
+    def test(cls, cfg, model, evaluators=None):
+        """Pretraining has no detection evaluation; the retrieval probe is a hook/command."""
+        return OrderedDict()
+
+
+class FinetuneTrainer(_Trainer):
+    """Detection fine-tuning; the evaluator follows the dataset's ``evaluator_type``."""
+
+    @classmethod
+    def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
+        kind = MetadataCatalog.get(dataset_name).get("evaluator_type", None)
+        if kind == "coco":
+            return COCOEvaluator(dataset_name, output_dir=output_folder)
+        if kind == "pascal_voc":
+            return PascalVOCDetectionEvaluator(dataset_name)
+        raise ValueError(f"No evaluator for dataset {dataset_name!r} (evaluator_type={kind!r}); use a COCO or VOC dataset")

@@ -1,0 +1,49 @@
+"""Negative-key queues kept as buffers, so they live in checkpoints and resume exactly."""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..utils.distributed import all_gather_cat
+
+__all__ = ["KeyQueues"]
+
+
+class KeyQueues(nn.Module):
+    """``L`` FIFO queues of ``K`` L2-normalised ``D``-dim keys (MoCo's queue, one per FPN level).
+
+    Buffers (all in the checkpoint):
+        queue: (L, D, K), initialised with random unit vectors as MoCo does.
+        ptr:   (L,) int64 next write position per level.
+        fill:  (L,) int64 number of real keys written so far (saturates at K).
+
+    ``enqueue`` all-gathers the keys of every process first, so every rank holds the same
+    queue (a rank-0 checkpoint is complete). Writes wrap around; any batch size works.
+    """
+
+    def __init__(self, num_levels, dim, size):
+        super().__init__()
+        self.size = size
+        self.register_buffer("queue", F.normalize(torch.randn(num_levels, dim, size), dim=1))
+        self.register_buffer("ptr", torch.zeros(num_levels, dtype=torch.long))
+        self.register_buffer("fill", torch.zeros(num_levels, dtype=torch.long))
+
+    def negatives(self, level):
+        """(D, K) negatives of ``level``."""
+        return self.queue[level].clone().detach()
+
+    @torch.no_grad()
+    def enqueue(self, level, keys):
+        """Append ``keys`` (N, D) of this process (and of every other process) to queue ``level``."""
+        keys, _ = all_gather_cat(keys.detach().to(self.queue.dtype))
+        n = keys.shape[0]
+        if n == 0:
+            return
+        if n > self.size:  # only the newest K keys can stay
+            keys, n = keys[-self.size :], self.size
+        idx = (self.ptr[level] + torch.arange(n, device=keys.device)) % self.size
+        self.queue[level][:, idx] = keys.t()
+        self.ptr[level] = (self.ptr[level] + n) % self.size
+        self.fill[level] = torch.clamp(self.fill[level] + n, max=self.size)
+
+    def fill_fraction(self, level):
+        return float(self.fill[level]) / self.size
