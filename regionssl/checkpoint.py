@@ -18,7 +18,10 @@ import re
 
 from detectron2.checkpoint import DetectionCheckpointer
 
-__all__ = ["FORMAT_TAG", "FormatTag", "to_detector_state_dict", "to_trunk_relative", "RegionSSLCheckpointer"]
+__all__ = [
+    "FORMAT_TAG", "FormatTag", "to_detector_state_dict", "to_pretraining_state_dict", "to_trunk_relative",
+    "RegionSSLCheckpointer",
+]
 
 FORMAT_TAG = "regionssl/v1"
 _TRUNK = re.compile(r"^(stem|res[2-5])\.")
@@ -78,17 +81,49 @@ def to_detector_state_dict(state_dict, target_keys, encoder="online"):
     return out, len(state_dict) - len(encoder_sd)
 
 
+def to_pretraining_state_dict(state_dict, target_keys):
+    """A pretraining state dict for another pretraining model (e.g. BYOL -> CVSA stage 2).
+
+    Every tensor keeps its name (online encoder, heads, ``momentum.*`` target), except ResNet-trunk
+    keys (also under ``momentum.``) whose name the target lacks: they move to the target's trunk
+    layout, as :func:`to_detector_state_dict` does.
+
+    Returns:
+        (state dict, number of its keys the target does not have).
+    """
+    target_keys = set(target_keys)
+    out = {}
+    for key, value in state_dict.items():
+        if key not in target_keys:
+            prefix = "momentum." if key.startswith("momentum.") else ""
+            rel = to_trunk_relative(key[len(prefix):])
+            if rel is not None:
+                key = next((prefix + p + rel for p in _TRUNK_LAYOUTS if prefix + p + rel in target_keys), key)
+        out[key] = value
+    return out, sum(k not in target_keys for k in out)
+
+
 class RegionSSLCheckpointer(DetectionCheckpointer):
     """DetectionCheckpointer that recognises regionssl pretraining checkpoints.
 
     Loading one into a detector takes the online encoder only (never momentum copies,
     projectors, prototypes or queues), renamed to the detector's layout, and logs the summary.
+    Loading one into another *pretraining* model (a two-stage recipe such as BYOL -> CVSA) keeps
+    every tensor whose name the model has, heads and momentum target included.
     """
 
     def _load_model(self, checkpoint):
         tag = checkpoint.get("regionssl")
         if isinstance(tag, dict) and tag.get("format") == FORMAT_TAG and not self._is_same_architecture(checkpoint):
             target = self.model.state_dict().keys()
+            if self._is_pretraining_model():
+                checkpoint["model"], unused = to_pretraining_state_dict(checkpoint["model"], target)
+                logging.getLogger(__name__).info(
+                    f"Pretraining checkpoint of {tag.get('meta_architecture')} into pretraining model "
+                    f"{type(self._bare_model()).__name__}: {len(checkpoint['model']) - unused} tensors by name "
+                    f"(encoder, heads, momentum target), {unused} not in this model."
+                )
+                return super()._load_model(checkpoint)
             checkpoint["model"], dropped = to_detector_state_dict(checkpoint["model"], target)
             loaded = sorted(k for k in checkpoint["model"] if k in target)
             groups = sorted({".".join(k.split(".")[:2]) for k in loaded})
@@ -99,7 +134,14 @@ class RegionSSLCheckpointer(DetectionCheckpointer):
             )
         return super()._load_model(checkpoint)
 
+    def _bare_model(self):
+        return getattr(self.model, "module", self.model)
+
     def _is_same_architecture(self, checkpoint):
         """Resuming a pretraining run loads everything as is."""
-        model = getattr(self.model, "module", self.model)
-        return type(model).__name__ == checkpoint["regionssl"].get("meta_architecture")
+        return type(self._bare_model()).__name__ == checkpoint["regionssl"].get("meta_architecture")
+
+    def _is_pretraining_model(self):
+        from .modeling.meta_arch.base import RegionSSLBase  # lazy: modeling imports are heavy
+
+        return isinstance(self._bare_model(), RegionSSLBase)

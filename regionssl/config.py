@@ -91,7 +91,8 @@ def _add_model_keys(cfg):
     r.SWAV.QUEUE_LENGTH = 0
     # Global iteration at which the queue starts being used (epoch 15 of the batch-256 recipe).
     r.SWAV.QUEUE_START_ITER = 0
-    # Apply the swapped prediction to RoI features of the aligned boxes instead of whole crops.
+    # Also apply the swapped prediction to RoI features of the aligned boxes of crops 0 and 1
+    # (extra loss "loss_swav_region"; beyond the paper, see meta_arch/swav.py).
     r.SWAV.REGION = False
 
     r.CVSA = CN()
@@ -118,7 +119,7 @@ def _add_input_keys(cfg):
     i.CROP_SCALE = (0.2, 1.0)
     # RandomResizedCrop aspect-ratio range r, sampled log-uniformly (torchvision: (3/4, 4/3)).
     i.CROP_RATIO = (0.75, 1.3333333)
-    # Resize interpolation of crops: "bilinear" or "bicubic" (BYOL/SCRL).
+    # Resize interpolation of crops: "bilinear", "bicubic" (BYOL/SCRL) or "nearest" (exact pixels, for tests).
     i.INTERPOLATION = "bilinear"
     # Probability of a horizontal flip of each view.
     i.FLIP_PROB = 0.5
@@ -212,7 +213,11 @@ def _add_test_keys(cfg):
     t = cfg.TEST.REGIONSSL
     # Run the view-matching retrieval probe every this many iterations (0 = never).
     t.PROBE_PERIOD = 0
-    # Image-only dataset the probe draws its held-out images from.
-    t.PROBE_DATASET = "regionssl_demo_images"
+    # Image-only dataset the probe draws its held-out images from (not in DATASETS.TRAIN).
+    t.PROBE_DATASET = "regionssl_demo_images_heldout"
     # At most this many probe images.
     t.PROBE_MAX_IMAGES = 64
+    # Side in pixels of the probe's two views (fixed across methods; 224 = MoCo's crop).
+    t.PROBE_CROP_SIZE = 224
+    # View pairs drawn per probe image (each adds up to 4 query regions to the gallery).
+    t.PROBE_PAIRS_PER_IMAGE = 8

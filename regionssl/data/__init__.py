@@ -6,3 +6,4 @@ from .tiny import register_all as _register_tiny_and_demo
 
 register_builtin_image_datasets()
 _register_tiny_and_demo()
+from . import saliency  # noqa: F401  (registers SaliencySwap and the saliency sources)

@@ -21,7 +21,8 @@ __all__ = [
     "INTERPOLATIONS",
 ]
 
-INTERPOLATIONS = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}
+# Config name -> PIL filter. "nearest" keeps pixel values exact (geometry tests, coordinate images).
+INTERPOLATIONS = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}
 
 
 def sample_resized_crop(height, width, scale, ratio, rng=np.random, max_tries=10):

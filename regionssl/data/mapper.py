@@ -46,10 +46,15 @@ class BackgroundSource:
         self.file_names, self.max_tries = list(file_names), max_tries
 
     def __call__(self):
+        return self.sample()[0]
+
+    def sample(self):
+        """(image, file_name) of a random readable image (SaliencySwap needs the name for mask files)."""
         for _ in range(self.max_tries):
-            image = read_rgb_or_none(random.choice(self.file_names))
+            file_name = random.choice(self.file_names)
+            image = read_rgb_or_none(file_name)
             if image is not None:
-                return image
+                return image, file_name
         raise RuntimeError(f"No readable background image after {self.max_tries} tries")
 
 
@@ -101,10 +106,12 @@ class RegionSSLDatasetMapper:
             "jitter": jitter,
         }
 
-    def _views_and_regions(self, image):
+    def _views_and_regions(self, image, file_name=None):
         """Draw views and regions until at least one region is valid (bounded)."""
+        # generators that look files up by name (SaliencySwap's mask files) declare it
+        kwargs = {"file_name": file_name} if getattr(self.view_generator, "takes_file_name", False) else {}
         for _ in range(self.max_resample + 1):
-            views = self.view_generator(image)
+            views = self.view_generator(image, **kwargs)
             regions = self.region_sampler(views)
             if regions.view_boxes is not None:
                 boxes = [b.astype(np.float64) for b in regions.view_boxes]
@@ -127,7 +134,7 @@ class RegionSSLDatasetMapper:
         image = read_rgb_or_none(file_name)
         if image is None:
             return None
-        drawn = self._views_and_regions(image)
+        drawn = self._views_and_regions(image, file_name)
         if drawn is None:
             logger.warning(
                 f"Skipping {file_name}: no valid region in {self.max_resample + 1} draws of views "

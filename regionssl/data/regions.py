@@ -113,6 +113,12 @@ class IntersectionBoxes:
     random grid (``div ~ U{1..floor(W/min_size)}`` cells per axis, a random cell, a random box of
     side ``>= min_size`` inside it), rejected while IoU with an accepted box is ``>= iou_threshold``,
     and after ``max_tries`` failed tries the last candidate is accepted anyway (soft rejection).
+
+    IoU is computed in original coordinates; it equals the official IoU in view-0 pixels because a
+    view is a per-axis scale + shift (+ flip) of the original, which leaves IoU unchanged.
+    Candidates are clipped to the intersection in original coordinates: rounding ``W`` up can
+    push a box up to half a coarse pixel past it (official: clipped to [0, S] in each view
+    separately), and the mapper would then drop the row as outside a view (~3% of boxes at 224 px).
     """
 
     @configurable
@@ -157,6 +163,7 @@ class IntersectionBoxes:
                 x, w = self._axis_candidate(W)
                 y, h = self._axis_candidate(H)
                 cand = np.array([l + x / sw, t + y / sh, l + (x + w) / sw, t + (y + h) / sh])
+                cand = np.minimum(cand, [r, btm, r, btm])  # see docstring: rounding of W, H
                 if not accepted or box_iou_np(cand, np.stack(accepted)).max() < self.iou_threshold:
                     break
             accepted.append(cand)

@@ -44,6 +44,10 @@ def adapt_to_machine(cfg, world_size=None):
             if node is not None and node.get("NORM") == "SyncBN":
                 logger.warning(f"MODEL.{key}.NORM: SyncBN -> naiveSyncBN for {world_size} CPU processes.")
                 node.NORM = "naiveSyncBN"
+        proj = cfg.MODEL.REGIONSSL.PROJECTOR  # BYOL/SCRL projector and predictor BN
+        if proj.NORM == "SyncBN":
+            logger.warning(f"MODEL.REGIONSSL.PROJECTOR.NORM: SyncBN -> naiveSyncBN for {world_size} CPU processes.")
+            proj.NORM = "naiveSyncBN"
     return cfg
 
 

@@ -82,7 +82,7 @@ class _Trainer(DefaultTrainer):
             groups = build_lars_param_groups(
                 model, cfg.SOLVER.BASE_LR, cfg.SOLVER.WEIGHT_DECAY, cfg.SOLVER.REGIONSSL.LARS_EXCLUDE_BIAS_AND_NORM
             )
-            opt = LARS(groups, lr=cfg.SOLVER.BASE_LR, momentum=cfg.SOLVER.MOMENTUM, trust_coefficient=cfg.SOLVER.REGIONSSL.LARS_TRUST)
+            opt = LARS(groups, lr=cfg.SOLVER.BASE_LR, momentum=cfg.SOLVER.MOMENTUM, eta=cfg.SOLVER.REGIONSSL.LARS_TRUST)
             return maybe_add_gradient_clipping(cfg, opt)
         raise ValueError(f"SOLVER.REGIONSSL.OPTIMIZER must be 'SGD' or 'LARS', not {name!r}")
 

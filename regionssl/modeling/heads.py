@@ -1,7 +1,29 @@
 """Projection and prediction heads."""
+from detectron2.layers import NaiveSyncBatchNorm
 from torch import nn
 
-__all__ = ["MLP"]
+__all__ = ["MLP", "NaiveSyncBatchNorm1d"]
+
+
+class NaiveSyncBatchNorm1d(NaiveSyncBatchNorm):
+    """Detectron2's all-reduce SyncBN for (N, C) inputs (it only takes (N, C, H, W)).
+
+    For several CPU processes, where ``nn.SyncBatchNorm`` refuses CPU tensors (DESIGN.md §4).
+    Same parameters and buffers as ``nn.BatchNorm1d``, so checkpoints load across norms.
+    """
+
+    def forward(self, x):
+        return super().forward(x[:, :, None, None])[:, :, 0, 0]
+
+
+def _norm_1d(norm, dim):
+    if norm == "BN":
+        return nn.BatchNorm1d(dim)
+    if norm == "SyncBN":  # nn.SyncBatchNorm accepts (N, C); plain BN when not distributed
+        return nn.SyncBatchNorm(dim)
+    if norm == "naiveSyncBN":
+        return NaiveSyncBatchNorm1d(dim)
+    raise ValueError(f"Unknown projector norm {norm!r}: use '', 'BN', 'SyncBN' or 'naiveSyncBN'")
 
 
 class MLP(nn.Sequential):
@@ -9,13 +31,12 @@ class MLP(nn.Sequential):
 
     MoCo-v2: hidden 2048, out 128, no norm. BYOL/SCRL projector and predictor: hidden 4096,
     out 256, BN, last layer without bias. SwAV: hidden 2048, out 128, BN.
+    ``norm``: "" | "BN" | "SyncBN" (BYOL/SCRL sync the heads' BN across devices too) | "naiveSyncBN".
     """
 
     def __init__(self, in_dim, hidden_dim, out_dim, norm="", last_bias=True):
         layers = [nn.Linear(in_dim, hidden_dim)]
-        if norm == "BN":
-            layers.append(nn.BatchNorm1d(hidden_dim))
-        elif norm:
-            raise ValueError(f"Unknown projector norm {norm!r}: use '' or 'BN'")
+        if norm:
+            layers.append(_norm_1d(norm, hidden_dim))
         layers += [nn.ReLU(inplace=True), nn.Linear(hidden_dim, out_dim, bias=last_bias)]
         super().__init__(*layers)

@@ -36,3 +36,57 @@ def byol_regression(p, z):
         p = F.normalize(p.float(), dim=1)
         z = F.normalize(z.detach().float(), dim=1)
         return (2 - 2 * (p * z).sum(dim=1)).mean()
+
+
+# ---------------------------------------------------------------- CVSA (cross-view saliency alignment)
+__all__ += ["cross_view_attention", "saliency_alignment"]
+
+
+def cross_view_attention(q, k, temperature):
+    """Where a query map and a key map attend to each other (CVSA; see docs/cvsa.md).
+
+    With cosine similarities ``s_ij = cos(q_i, k_j) / T`` between query positions i and key
+    positions j:
+
+    * key map   ``a^k_j = mean_i softmax_j(s_ij)``: every query position spreads unit mass over
+      the key positions (query onto key); averaged over i, so ``sum_j a^k_j = 1``;
+    * query map ``a^q_i = mean_j softmax_i(s_ij)``: every key position spreads unit mass over
+      the query positions (key onto query); ``sum_i a^q_i = 1``.
+
+    Args:
+        q: (N, D, Hq, Wq) query maps (online conv projector + predictor).
+        k: (N, D, Hk, Wk) key maps (target conv projector).
+        temperature: T.
+    Returns:
+        a_q (N, Hq*Wq), a_k (N, Hk*Wk), each row a distribution (fp32).
+    """
+    with torch.autocast(device_type=q.device.type, enabled=False):
+        q = F.normalize(q.float().flatten(2), dim=1)  # (N, D, Pq)
+        k = F.normalize(k.float().flatten(2), dim=1)  # (N, D, Pk)
+        logits = torch.einsum("ndp,ndr->npr", q, k) / temperature  # (N, Pq, Pk)
+        a_k = logits.softmax(dim=2).mean(dim=1)  # (N, Pk)
+        a_q = logits.softmax(dim=1).mean(dim=2)  # (N, Pq)
+        return a_q, a_k
+
+
+def saliency_alignment(attention, mask, eps=1e-12):
+    """KL(m || a) between a saliency mask m (normalised to sum 1) and an attention map a.
+
+    ``KL = sum_p m_p log(m_p / a_p) >= 0``, with equality iff ``a = m`` (Gibbs' inequality), so
+    the loss is minimal (0) exactly when the attention map equals the normalised mask. Images
+    whose mask has no mass (the pasted window left the view) carry no target and are skipped.
+
+    Args:
+        attention: (N, P) distributions (rows sum to 1).
+        mask: (N, P) non-negative saliency on the same grid.
+    Returns:
+        loss (scalar: mean KL over images with a mask; 0 if none, graph kept) and valid (N,) bool.
+    """
+    with torch.autocast(device_type=attention.device.type, enabled=False):
+        a, mask = attention.float(), mask.detach().float()
+        mass = mask.sum(dim=1)
+        valid = mass > eps
+        m = mask / mass.clamp_min(eps)[:, None]
+        kl = (torch.xlogy(m, m) - m * a.clamp_min(eps).log()).sum(dim=1)  # (N,)
+        loss = (kl * valid).sum() / valid.sum().clamp_min(1)
+        return loss, valid

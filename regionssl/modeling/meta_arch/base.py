@@ -116,9 +116,19 @@ class RegionSSLBase(nn.Module):
         return m
 
     def normalize(self, views):
-        """List of (3, H, W) uint8 tensors -> (N, 3, H, W) float, normalised on the model device."""
+        """List of (3, H, W) uint8 tensors (one size) -> (N, 3, H', W') float on the model device.
+
+        Padded with zeros (= the mean pixel) at the bottom/right up to the backbone's
+        ``size_divisibility`` (FPN: 32; a 112 px view would otherwise break the top-down sum).
+        Box coordinates are unchanged by this padding.
+        """
         x = torch.stack([v.to(self.device, non_blocking=True) for v in views]).float()
-        return (x - self.pixel_mean) / self.pixel_std
+        x = (x - self.pixel_mean) / self.pixel_std
+        d = getattr(self.backbone, "size_divisibility", 0)
+        if d > 1:
+            h, w = x.shape[-2:]
+            x = F.pad(x, (0, (-w) % d, 0, (-h) % d))
+        return x
 
     def view_batch(self, batched_inputs, v):
         """Images of view ``v`` of every input: (N, 3, H, W)."""

@@ -1,0 +1,173 @@
+"""Data-pipeline throughput on ONE core: regionssl's mapper vs the torchvision two-crop pipeline.
+
+Measures view-pairs per second (one sample = one image -> its views + boxes) for every view
+generator with its region sampler, side by side with the MoCo-v2 "aug+" torchvision pipeline the
+official repositories use (MoCo, ReSim, InsLoc's pixel augmentations): PIL open + convert,
+RandomResizedCrop(224, scale (0.2, 1)), ColorJitter(0.4, 0.4, 0.4, 0.1) p=0.8, RandomGrayscale 0.2,
+PIL GaussianBlur sigma ~ U[0.1, 2] p=0.5, flip, ToTensor, twice (no boxes). That pipeline stops at
+ToTensor (MoCo also normalises on the CPU; we leave that out, which favours the baseline).
+
+Inputs are JPEG photos of realistic size: the demo photos of the installed packages
+(``regionssl.data.tiny.demo_image_files``) centre-cropped to 4:3, resized to each ``--sizes`` entry and
+saved as JPEG quality 90 in a temporary folder. Pipelines are measured in interleaved rounds
+(A, B, C, ... A, B, C, ...) on a noisy machine; medians over rounds are reported, and the ratio to
+torchvision is the median of the per-round ratios (paired, so slow phases of the machine cancel).
+
+    python bench/mapper_throughput.py                       # default sizes, rounds
+    python bench/mapper_throughput.py --sizes 640x480 --rounds 9 --pairs 60
+"""
+import argparse
+import os
+import platform
+import random
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
+
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image, ImageFilter  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# name -> (config file, overrides): each view generator with the sampler its method uses
+PIPELINES = {
+    "TwoCrops + WholeView (MoCo-v2)": ("configs/mocov2.yaml", []),
+    "TwoCrops + IntersectionBoxes (SCRL)": ("configs/mocov2.yaml", ["INPUT.REGIONSSL.REGION_SAMPLER", "IntersectionBoxes"]),
+    "TwoCropsSharedFlip + SlidingWindows (ReSim)": (
+        "configs/mocov2.yaml",
+        ["INPUT.REGIONSSL.VIEW_GENERATOR", "TwoCropsSharedFlip", "INPUT.REGIONSSL.REGION_SAMPLER", "SlidingWindows",
+         "INPUT.REGIONSSL.WINDOWS.SIZES", "[48, 32]", "INPUT.REGIONSSL.WINDOWS.STRIDES", "[32, 24]"],
+    ),
+    "MultiCrop 2x224+6x96 + WholeView (SwAV)": ("configs/mocov2.yaml", ["INPUT.REGIONSSL.VIEW_GENERATOR", "MultiCrop"]),
+    "CopyPaste + PastedBox + jitter (InsLoc)": ("configs/insloc_fpn.yaml", []),
+}
+BASELINE = "torchvision two-crop (MoCo-v2 aug+, no boxes)"
+
+
+def make_photos(folder, size, limit=None):
+    """Demo photos centre-cropped to the aspect of ``size`` = (w, h), resized, saved as JPEG q90."""
+    from regionssl.data.tiny import demo_image_files
+
+    w, h = size
+    out = []
+    for i, path in enumerate(demo_image_files()[:limit]):
+        im = Image.open(path).convert("RGB")
+        iw, ih = im.size
+        scale = min(iw / w, ih / h)
+        cw, ch = w * scale, h * scale
+        box = (max(0.0, (iw - cw) / 2), max(0.0, (ih - ch) / 2), min(iw, (iw + cw) / 2), min(ih, (ih + ch) / 2))
+        dst = os.path.join(folder, f"{w}x{h}_{i}.jpg")
+        im.resize((w, h), Image.BICUBIC, box=box).save(dst, quality=90)
+        out.append(dst)
+    return out
+
+
+def torchvision_two_crop():
+    """MoCo-v2's TwoCropsTransform(aug+) with torchvision's PIL loader."""
+    import torchvision.transforms as tvt
+
+    class MoCoGaussianBlur:  # moco/loader.py: PIL blur with radius sigma ~ U[0.1, 2]
+        def __call__(self, x):
+            return x.filter(ImageFilter.GaussianBlur(radius=random.uniform(0.1, 2.0)))
+
+    aug = tvt.Compose([
+        tvt.RandomResizedCrop(224, scale=(0.2, 1.0)),
+        tvt.RandomApply([tvt.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
+        tvt.RandomGrayscale(p=0.2),
+        tvt.RandomApply([MoCoGaussianBlur()], p=0.5),
+        tvt.RandomHorizontalFlip(),
+        tvt.ToTensor(),
+    ])
+
+    def run(path, index):
+        with open(path, "rb") as f:
+            img = Image.open(f).convert("RGB")
+        return [aug(img), aug(img)]
+
+    return run
+
+
+def regionssl_mapper(config, opts, files):
+    from regionssl.data import RegionSSLDatasetMapper
+    from regionssl.engine import get_regionssl_cfg
+
+    cfg = get_regionssl_cfg(os.path.join(REPO, config), opts)
+    mapper = RegionSSLDatasetMapper(cfg, dataset_dicts=[{"file_name": f, "image_id": i} for i, f in enumerate(files)])
+
+    def run(path, index):
+        out = mapper({"file_name": path, "image_id": index})
+        assert out is not None, path
+        return out
+
+    return run
+
+
+def measure(fn, files, pairs, offset):
+    """Pairs per second over ``pairs`` samples, cycling through ``files`` from ``offset``."""
+    t0 = time.perf_counter()
+    for k in range(pairs):
+        i = (offset + k) % len(files)
+        fn(files[i], i)
+    return pairs / (time.perf_counter() - t0)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--sizes", nargs="+", default=["640x480", "1280x960"], help="photo sizes WxH")
+    ap.add_argument("--rounds", type=int, default=7, help="interleaved rounds per size")
+    ap.add_argument("--pairs", type=int, default=40, help="samples per pipeline per round")
+    ap.add_argument("--only", nargs="*", default=None, help="substrings of pipeline names to keep")
+    ap.add_argument("--cpu", type=int, default=None, help="pin to this CPU (default: the last one allowed)")
+    args = ap.parse_args()
+
+    cpus = sorted(os.sched_getaffinity(0))
+    cpu = cpus[-1] if args.cpu is None else args.cpu
+    os.sched_setaffinity(0, {cpu})
+    torch.set_num_threads(1)
+    cv2.setNumThreads(1)
+    import PIL
+
+    print(f"# machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, pinned to CPU {cpu}; "
+          f"Python {platform.python_version()}, torch {torch.__version__}, Pillow {PIL.__version__}, "
+          f"OpenCV {cv2.__version__}, numpy {np.__version__}")
+    print(f"# command: {' '.join(sys.argv)}")
+    names = [BASELINE] + list(PIPELINES)
+    if args.only:
+        names = [BASELINE] + [n for n in PIPELINES if any(s in n for s in args.only)]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for size in args.sizes:
+            w, h = (int(v) for v in size.lower().split("x"))
+            files = make_photos(tmp, (w, h))
+            fns = {BASELINE: torchvision_two_crop()}
+            for n in names[1:]:
+                fns[n] = regionssl_mapper(*PIPELINES[n], files)
+            for n in names:  # warm-up: caches, lazy imports, file system
+                measure(fns[n], files, len(files), 0)
+            rates = {n: [] for n in names}
+            for r in range(args.rounds):
+                random.seed(r)
+                np.random.seed(r)
+                torch.manual_seed(r)
+                for n in names:
+                    rates[n].append(measure(fns[n], files, args.pairs, r * args.pairs))
+            base = np.array(rates[BASELINE])
+            for n in names:
+                ratio = np.median(np.array(rates[n]) / base)
+                rows.append((f"{w}x{h}", n, np.median(rates[n]), np.min(rates[n]), np.max(rates[n]), ratio))
+                print(f"{w}x{h}  {n:48s} {rows[-1][2]:7.1f} pairs/s (min {rows[-1][3]:.1f}, max {rows[-1][4]:.1f})  x{ratio:.2f}", flush=True)
+    print()
+    print("| photos | pipeline | pairs/s (median) | min-max | vs torchvision |")
+    print("|---|---|---:|---:|---:|")
+    for size, n, med, lo, hi, ratio in rows:
+        print(f"| {size} | {n} | {med:.1f} | {lo:.1f}-{hi:.1f} | {ratio:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,163 @@
+"""BYOL learning rule (Grill et al. 2020; METHODS.md §7) shared by BYOL and SCRL.
+
+Online network: encoder f_theta -> projector g_theta -> predictor q_theta. Target network:
+f_xi -> g_xi, an exponential moving average of (f_theta, g_theta) with no gradient. Loss on
+matched rows (whole views for BYOL, boxes for SCRL), symmetrised over the two views::
+
+    l(p, z) = || p/||p|| - z/||z|| ||^2 = 2 - 2 cos(p, z)
+    L = mean_rows[ l(q(g(f(v1))), g'(f'(v2))) + l(q(g(f(v2))), g'(f'(v1))) ]
+
+The two directions are *summed* (L in [0, 8]), then averaged over rows: official BYOL
+(``byol/byol_experiment.py`` ``loss_fn``: ``repr_loss = l(1->2) + l(2->1); jnp.mean``) and
+SCRL (``trainer/base.py`` ``_criterion``: ``loss = l12; loss += l21; loss.mean()``) agree.
+"""
+import logging
+
+import torch
+import torch.nn.functional as F
+from detectron2.config import configurable
+from detectron2.modeling import META_ARCH_REGISTRY
+
+from ..encoders import momentum_at
+from ..heads import MLP
+from ..losses import byol_regression
+from .base import RegionSSLBase
+
+__all__ = ["BYOLBase", "BYOL"]
+
+logger = logging.getLogger(__name__)
+
+
+class BYOLBase(RegionSSLBase):
+    """Online encoder + projector g + predictor q, EMA target (f_xi, g_xi); 2 - 2cos regression.
+
+    Extra args:
+        projector: g, ``MLP(C, 4096, 256, BN, last_bias=False)`` (Linear+BN+ReLU+Linear, no bias
+            in the last layer, as BYOL's ``networks.MLP`` and SCRL's ``TwoLayerLinearHead``).
+        predictor: q, ``MLP(256, 4096, 256, BN, last_bias=False)``.
+
+    Both views go through each network in **one** batch of 2N images (view 0 first), so the
+    BatchNorms see both views together: SCRL's ``_forward`` concatenates the views (also for its
+    BYOL baseline, whose COCO numbers SCRL's README reports); official JAX BYOL instead calls the
+    network once per view. One batch also keeps >= 2 rows in the heads' BatchNorm1d whenever
+    there is at least one pair.
+
+    Target initialisation: the target (``momentum.*``) is a copy of the online encoder and
+    projector, made by ``build_momentum("projector")``. Neither official code does this: SCRL's
+    ``trainer/trainer.py`` calls ``_initialize_target_network(from_online=False)`` (METHODS §1.9),
+    and official BYOL's ``_make_initial_state`` draws target parameters from a different RNG key
+    (its comment: no significant difference with the same key). We copy, as MoCo, InsLoc, ReSim,
+    PixPro and SoCo do: the target is then the EMA of the online network from step 0 instead of
+    carrying a random component that decays only as tau^k (~0.05 after 100 steps at tau=0.97,
+    after ~750 steps at 0.996).
+
+    EMA: ``xi <- tau xi + (1 - tau) theta`` with ``tau_k = 1 - (1 - tau_0)(cos(pi k / K) + 1) / 2``
+    (``MODEL.REGIONSSL.MOMENTUM``: SCHEDULE "cosine", BASE tau_0; K = SOLVER.MAX_ITER). Both
+    official codes update after optimizer step k with tau_k. Here the update happens at the start
+    of the forward of iteration k + 1 (with tau_k, from the global iteration, so resume is exact);
+    the target every forward sees is therefore the official one. Iteration 0 does no update.
+
+    Diagnostics (``regionssl/...``): ``pos_sim`` mean cos(prediction, target projection) over both
+    directions, ``emb_std`` std of the normalised online projections (-> 0 on collapse; ~1/sqrt(256)
+    when spread), ``num_pairs`` matched rows R, ``momentum`` the tau applied this step.
+    """
+
+    loss_name = "byol"
+
+    @configurable
+    def __init__(self, *, projector, predictor, **kwargs):
+        super().__init__(**kwargs)
+        self.projector = projector
+        self.predictor = predictor
+        self.build_momentum("projector")  # momentum.backbone (+ momentum.roi_heads), momentum.projector
+
+    @classmethod
+    def from_config(cls, cfg):
+        args = super().from_config(cfg)
+        r = cfg.MODEL.REGIONSSL
+        out, norm = r.PROJECTOR.OUT_DIM, r.PROJECTOR.NORM
+        args.update(
+            projector=MLP(args["feature_dim"], r.PROJECTOR.HIDDEN_DIM, out, norm, last_bias=False),
+            predictor=MLP(out, r.PREDICTOR.HIDDEN_DIM, out, norm, last_bias=False),
+        )
+        return args
+
+    # ---------------------------------------------------------------- EMA
+    def current_momentum(self):
+        """tau applied at this forward: tau_{k-1} (the official update after step k - 1)."""
+        return momentum_at(max(self.iteration - 1, 0), self.max_iter, self.momentum_base, self.momentum_schedule)
+
+    @torch.no_grad()
+    def step_target(self):
+        """EMA update owed for the previous optimizer step; returns the tau used (None at k=0)."""
+        if self.iteration <= 0:
+            return None  # no optimizer step yet: the target still equals its initial copy
+        return self.update_momentum()
+
+    # ---------------------------------------------------------------- pieces
+    def pair_inputs(self, batched_inputs):
+        """Both views as one batch and the boxes to pool in it.
+
+        Returns:
+            images: (2N, 3, H, W), view 0 of every input, then view 1.
+            boxes: list of 2N (R_i, 4) valid boxes in view pixels, same order; row j of image i
+                and of image N + i is the same region (ignored by global methods).
+        """
+        images = torch.cat([self.view_batch(batched_inputs, 0), self.view_batch(batched_inputs, 1)])
+        boxes = self.view_boxes(batched_inputs, 0) + self.view_boxes(batched_inputs, 1)
+        return images, boxes
+
+    def project(self, net, images, boxes):
+        """g(f(.)) of every row: (2R, D); rows 0..R-1 come from view 0, R..2R-1 from view 1.
+
+        ``net`` is ``self`` (online) or ``self.momentum`` (target).
+        """
+        regions = self.pooler(net, net.backbone(images), boxes)  # (1, 2R, C)
+        return net.projector(regions[0])
+
+    def symmetric_regression(self, p1, p2, z1, z2):
+        """L = mean_i[ l(p1_i, z2_i) + l(p2_i, z1_i) ], l = 2 - 2 cos (fp32).
+
+        Args:
+            p1, p2: (R, D) online predictions q(g(f(v1))), q(g(f(v2))).
+            z1, z2: (R, D) target projections g'(f'(v1)), g'(f'(v2)); treated as constants.
+        Returns:
+            scalar loss; logs ``pos_sim`` = mean cosine of the 2R (prediction, target) pairs.
+        """
+        loss = byol_regression(p1, z2) + byol_regression(p2, z1)  # each a mean over R rows
+        self.log(pos_sim=1.0 - loss.detach() / 4.0)  # l = 2 - 2cos -> mean cos = 1 - L / 4
+        return loss
+
+    def byol_losses(self, images, boxes):
+        """``{"loss_<name>": L}`` for rows pooled from ``images`` (2N) with ``boxes`` (2N lists)."""
+        with torch.no_grad():
+            self.step_target()
+        rows = images.shape[0] if self.pooler.kind == "global" else sum(len(b) for b in boxes)
+        if rows == 0:
+            # Only hand-made inputs get here: the mapper re-draws or skips pairs without a box.
+            # BatchNorm1d cannot run on 0 rows; the step contributes nothing (zero loss, zero grad).
+            logger.warning(f"{type(self).__name__}: batch without any region pair, loss set to 0")
+            zero = sum(f.sum() for f in self.backbone(images).values()) * 0.0
+            return {f"loss_{self.loss_name}": zero}
+        z = self.project(self, images, boxes)  # (2R, D)
+        p = self.predictor(z)
+        with torch.no_grad():
+            z_t = self.project(self.momentum, images, boxes)
+        r = z.shape[0] // 2
+        loss = self.symmetric_regression(p[:r], p[r:], z_t[:r], z_t[r:])
+        with torch.no_grad():
+            self.log(emb_std=self.embedding_std(z), num_pairs=r, momentum=self.current_momentum())
+        return {f"loss_{self.loss_name}": loss}
+
+    def losses(self, batched_inputs):
+        return self.byol_losses(*self.pair_inputs(batched_inputs))
+
+
+@META_ARCH_REGISTRY.register()
+class BYOL(BYOLBase):
+    """BYOL (global): average-pooled res5 of each whole view -> g -> q; rows are images.
+
+    Views ``TwoCrops`` + ``WholeView`` with BYOL's asymmetric photometric recipe (configs/byol.yaml).
+    """
+
+    is_global = True

@@ -1,0 +1,270 @@
+"""ReSim: Region Similarity Representation Learning (Xiao et al., ICCV'21), METHODS.md §6.
+
+Two views with one shared flip (``TwoCropsSharedFlip``); sliding windows laid on the query view
+(``SlidingWindows``: group g <-> ``MODEL.REGIONSSL.IN_FEATURES[g]``) and moved into the key view;
+a window counts only if it lies fully inside the key view (``valid``). Loss (Tete-Xiao/ReSim
+``main_moco.py``)::
+
+    L = w_inst * L_inst + sum_l w_l * L_l
+
+* ``L_inst``: MoCo-v2 on the whole view — global average pooled res5 -> MLP 2048-2048-128,
+  queue K = 65536, m = 0.999, shuffle-BN, T = 0.2 (the :class:`ContrastiveBase` rule, one
+  "instance" level).
+* ``L_l``: for every valid window i of level l, ``q_i`` = PrRoIPool 1x1 of the query's level-l
+  map over the window, ``k_i`` = the same on the key map over the mapped window, both
+  L2-normalised, **no projection head**; negatives ``n_j`` = every position of the key map after
+  a 3x3 average pooling with stride 1 and no padding (P4 of a 224 view: 14 - 3 + 1 = 12, i.e.
+  12x12 per image), L2-normalised, all-gathered over processes where
+  ``RESIM.GATHER_NEGATIVES[l]`` (official: P4 yes, P3 no). Logits
+  ``[q_i.k_i, q_i.n_1, ...] / T``, InfoNCE averaged over the valid windows. No region queue.
+
+Variants (chosen by the backbone config, one class):
+
+* **FPN** (the released code, ``moco/models.py``): ResNet + FPN on res3-res5 without norm;
+  windows 48/32 px on P4 (stride 16) and 32/24 px on P3 (stride 8). The FPN convs keep the
+  detector's names (``backbone.fpn_lateral3..5``, ``backbone.fpn_output3..5``) and transfer.
+  Detectron2's FPN also builds ``fpn_output5`` and a max-pool P6, which the official model lacks;
+  they get no gradient (unused) and are harmless. res5 for the instance branch is read from the
+  FPN's bottom-up pass (no second trunk pass).
+* **C4** (checkpoint released, code not): ``backbone`` up to res4 and ``roi_heads.res5`` built
+  as Detectron2's ``Res5ROIHeads`` block. The region branch works on the res4 map (stride 16,
+  1024-d; windows 48/32 only); the instance branch applies ``roi_heads.res5`` to the *whole* res4
+  map, which is exactly ResNet's res5 stage (first block stride 2). So res5 is pretrained by the
+  instance loss and transfers as ``roi_heads.res5`` into a C4 detector, as in MoCo's C4 recipe.
+  Whether the authors' C4 model had an extra conv on res4 for the region branch is unknown
+  (the released code carries a commented-out ``mocodet_conv``); here there is none.
+
+Key features are computed by the momentum encoder on a batch shuffled across processes
+(shuffle-BN, as the official ``_batch_shuffle_ddp``) and routed back per image, dense maps
+included; windows and negatives are then taken from the unshuffled maps.
+"""
+import torch
+import torch.nn.functional as F
+from detectron2.config import configurable
+from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
+
+from ...utils.distributed import all_gather_cat
+from ..encoders import RegionPooler, build_trunk, shuffled_forward
+from ..heads import MLP
+from ..losses import info_nce
+from ..prroi_pool import prroi_pool_1x1
+from .contrastive import ContrastiveBase
+
+__all__ = ["ReSim", "features_with_bottom_up", "window_rois", "pooled_negatives", "region_similarity_loss"]
+
+
+def features_with_bottom_up(backbone, images):
+    """FPN outputs (p*) and the bottom-up maps (res*) of one forward pass, in one dict.
+
+    Detectron2's ``FPN.forward`` returns only the p-levels; a forward hook on ``bottom_up``
+    keeps the res maps it computed (ReSim's instance branch needs res5).
+    """
+    captured = {}
+    handle = backbone.bottom_up.register_forward_hook(lambda _m, _i, out: captured.update(out))
+    try:
+        out = backbone(images)
+    finally:
+        handle.remove()
+    return {**captured, **out}
+
+
+def window_rois(batched_inputs, group, view, device):
+    """(R, 5) rows ``[image index, x1, y1, x2, y2]`` (view pixels) of the valid windows of ``group``.
+
+    Rows are in the same order for every ``view``, so row r of view 0 and of view 1 is one pair.
+    """
+    rows = []
+    for i, d in enumerate(batched_inputs):
+        sel = d["valid"] & (d["box_groups"] == group)
+        b = d["boxes"][view][sel].float()
+        rows.append(torch.cat([b.new_full((len(b), 1), float(i)), b], dim=1))
+    return torch.cat(rows).to(device) if rows else torch.zeros(0, 5, device=device)
+
+
+@torch.no_grad()
+def pooled_negatives(key_map, kernel, gather):
+    """ReSim's negatives: the key map average-pooled ``kernel x kernel`` (stride 1, no padding).
+
+    Args:
+        key_map: (N, C, H, W) momentum-encoder map of one level.
+        gather: concatenate the negatives of every process (rank order), else local only.
+    Returns:
+        (C, K) L2-normalised columns, K = N (H - k + 1)(W - k + 1) [x world size if gather];
+        column n*h*w + y*w + x is position (y, x) of image n.
+    """
+    pooled = F.avg_pool2d(key_map.float(), kernel, stride=1)  # (N, C, h, w)
+    flat = F.normalize(pooled, dim=1).permute(0, 2, 3, 1).reshape(-1, pooled.shape[1])  # (N h w, C)
+    if gather:
+        flat, _ = all_gather_cat(flat.contiguous())
+    return flat.t()
+
+
+def region_similarity_loss(query_map, key_map, rois_q, rois_k, negatives, spatial_scale, temperature):
+    """InfoNCE of window pairs against key-map negatives (one level).
+
+    Args:
+        query_map, key_map: (N, C, H, W) online / momentum maps (key map: no gradient).
+        rois_q, rois_k: (R, 5) paired windows, ``[image, x1, y1, x2, y2]`` in view pixels, R > 0.
+        negatives: (C, K) from :func:`pooled_negatives`.
+        spatial_scale: 1 / stride of the level.
+    Returns:
+        loss (mean over the R windows), logits (R, 1 + K), queries (R, C).
+    """
+    q = F.normalize(prroi_pool_1x1(query_map, rois_q, spatial_scale), dim=1)  # (R, C)
+    with torch.no_grad():
+        k = F.normalize(prroi_pool_1x1(key_map, rois_k, spatial_scale), dim=1)  # (R, C)
+    loss, logits = info_nce(q, k, negatives, temperature)
+    return loss, logits, q
+
+
+@META_ARCH_REGISTRY.register()
+class ReSim(ContrastiveBase):
+    """ReSim-FPN / ReSim-C4 (see the module docstring).
+
+    Extra args:
+        region_features: levels of the region branch, ``IN_FEATURES`` (["p4", "p3"] or ["res4"]).
+        region_strides: their strides (16, 8).
+        region_weights: w_l per level (``LEVEL_WEIGHTS``; ReSim: 1).
+        gather_negatives: per level, all-gather the negatives (official: [True, False]).
+        negative_pool: kernel of the negatives' average pooling (3).
+    """
+
+    @configurable
+    def __init__(self, *, region_features, region_strides, region_weights, gather_negatives, negative_pool, **kwargs):
+        super().__init__(**kwargs)
+        self.levels = ["instance"]  # the ContrastiveBase branch: one queue of whole-view keys
+        self.region_features, self.region_strides = list(region_features), list(region_strides)
+        self.region_weights, self.gather_negatives = list(region_weights), list(gather_negatives)
+        self.negative_pool = negative_pool
+        self.is_fpn = hasattr(self.backbone, "bottom_up")
+
+    @classmethod
+    def from_config(cls, cfg):
+        r = cfg.MODEL.REGIONSSL
+        levels = list(r.IN_FEATURES)
+        if "fpn" in cfg.MODEL.BACKBONE.NAME:
+            backbone, roi_heads = build_backbone(cfg), None
+            bottom = backbone.bottom_up.output_shape()
+            assert "res5" in bottom, "ReSim-FPN pools res5 for the instance branch: add res5 to RESNETS.OUT_FEATURES"
+            inst_dim = bottom["res5"].channels
+        else:
+            assert levels == ["res4"], f"ReSim-C4 pools windows on res4; MODEL.REGIONSSL.IN_FEATURES={levels}"
+            backbone, roi_heads, inst_dim = build_trunk(cfg, "c4")
+        shapes = backbone.output_shape()
+        missing = [f for f in levels if f not in shapes]
+        assert not missing, f"MODEL.REGIONSSL.IN_FEATURES {missing} not produced by the backbone ({list(shapes)})"
+        n = len(levels)
+        if cfg.INPUT.REGIONSSL.REGION_SAMPLER == "SlidingWindows":
+            assert len(cfg.INPUT.REGIONSSL.WINDOWS.SIZES) == n, "one window set (group g) per IN_FEATURES[g]"
+        gather = list(r.RESIM.GATHER_NEGATIVES)
+        assert len(gather) == n, f"MODEL.REGIONSSL.RESIM.GATHER_NEGATIVES needs {n} entries, got {gather}"
+        return {
+            "backbone": backbone,
+            "roi_heads": roi_heads,
+            "pooler": RegionPooler("global", [], {}, 1, 0, False),  # instance branch: mean of res5
+            "pixel_mean": cfg.MODEL.PIXEL_MEAN,
+            "pixel_std": cfg.MODEL.PIXEL_STD,
+            "max_iter": cfg.SOLVER.MAX_ITER,
+            "momentum_base": r.MOMENTUM.BASE,
+            "momentum_schedule": r.MOMENTUM.SCHEDULE,
+            "feature_dim": inst_dim,
+            "projector": MLP(inst_dim, r.PROJECTOR.HIDDEN_DIM, r.PROJECTOR.OUT_DIM, r.PROJECTOR.NORM),
+            "queue_size": r.QUEUE.SIZE,
+            "temperature": r.TEMPERATURE,
+            "level_weights": [r.RESIM.INSTANCE_WEIGHT],
+            "shuffle_bn": r.SHUFFLE_BN,
+            "region_features": levels,
+            "region_strides": [shapes[f].stride for f in levels],
+            "region_weights": list(r.LEVEL_WEIGHTS) if len(r.LEVEL_WEIGHTS) == n else [1.0] * n,
+            "gather_negatives": gather,
+            "negative_pool": r.RESIM.NEGATIVE_POOL,
+        }
+
+    # ---------------------------------------------------------------- features
+    def trunk_features(self, net, images):
+        """{"res5": (N, 2048, H/32, W/32), level: (N, C, H/s, W/s) for each region level} of ``net``
+        (the model itself or ``self.momentum``)."""
+        if self.is_fpn:
+            return features_with_bottom_up(net.backbone, images)
+        feats = dict(net.backbone(images))
+        feats["res5"] = net.roi_heads.res5(feats["res4"])  # whole-map res5 = ResNet's stage 5
+        return feats
+
+    def instance_embedding(self, net, features):
+        """(1, N, D) L2-normalised MoCo embedding of whole views."""
+        z = net.projector(self.pooler(net, features, None)[0])  # (N, D)
+        return F.normalize(z, dim=1)[None]
+
+    @torch.no_grad()
+    def key_features(self, images):
+        """Momentum encoder on the key views, through shuffle-BN.
+
+        Returns:
+            k: (1, N, D) instance keys; maps: {level: (N, C, H_l, W_l)} key maps, in input order.
+        """
+        shapes = {}
+
+        def encode(im, _boxes):  # one row per image, so shuffled_forward routes it back
+            feats = self.trunk_features(self.momentum, im)
+            maps = [feats[f] for f in self.region_features]
+            shapes.update({f: m.shape[1:] for f, m in zip(self.region_features, maps)})
+            k = self.instance_embedding(self.momentum, feats)[0]
+            return torch.cat([k.float()] + [m.float().flatten(1) for m in maps], dim=1)  # (N, D + sum CHW)
+
+        if self.shuffle_bn:
+            dummy = [images.new_zeros((1, 4)) for _ in range(len(images))]
+            flat = shuffled_forward(encode, images, dummy)
+        else:
+            flat = encode(images, None)
+        sizes = [flat.shape[1] - sum(s.numel() for s in shapes.values())] + [shapes[f].numel() for f in self.region_features]
+        k, *maps = torch.split(flat, sizes, dim=1)
+        return k[None], {f: m.view(-1, *shapes[f]) for f, m in zip(self.region_features, maps)}
+
+    # ---------------------------------------------------------------- losses
+    def region_losses(self, batched_inputs, query_maps, key_maps):
+        """``{"loss_region_<level>": w_l L_l}`` over the valid windows of every level.
+
+        A level without any valid window in this batch gives ``0 * sum(query map)``: a zero that
+        keeps the level's parameters in the graph (DDP) and the collectives in step (the
+        negatives are gathered on every rank regardless).
+        """
+        losses = {}
+        for g, (level, stride) in enumerate(zip(self.region_features, self.region_strides)):
+            negatives = pooled_negatives(key_maps[level], self.negative_pool, self.gather_negatives[g])  # (C, K)
+            rois_q = window_rois(batched_inputs, g, 0, self.device)
+            rois_k = window_rois(batched_inputs, g, 1, self.device)
+            if len(rois_q) == 0:
+                losses[f"loss_region_{level}"] = query_maps[level].sum() * 0.0
+                self.log(**{f"num_pairs_{level}": 0})
+                continue
+            loss, logits, q = region_similarity_loss(
+                query_maps[level], key_maps[level], rois_q, rois_k, negatives, 1.0 / stride, self.temperature
+            )
+            losses[f"loss_region_{level}"] = self.region_weights[g] * loss
+            with torch.no_grad():
+                sims = logits * self.temperature
+                self.log(**{
+                    f"acc_{level}": (logits.argmax(dim=1) == 0).float().mean(),
+                    f"pos_sim_{level}": sims[:, 0].mean(),
+                    f"neg_sim_{level}": sims[:, 1:].mean(),
+                    f"emb_std_{level}": self.embedding_std(q),
+                    f"num_pairs_{level}": len(rois_q),
+                    f"num_neg_{level}": negatives.shape[1],
+                })
+        return losses
+
+    def losses(self, batched_inputs):
+        query = self.trunk_features(self, self.view_batch(batched_inputs, 0))
+        q = self.instance_embedding(self, query)
+        with torch.no_grad():
+            self.update_momentum()
+            k, key_maps = self.key_features(self.view_batch(batched_inputs, 1))
+        (instance,) = self.contrastive_losses(q, k).values()  # already weighted by w_inst
+        return {"loss_instance": instance, **self.region_losses(batched_inputs, query, key_maps)}
+
+    def region_embedding(self, images, boxes):
+        """Online PrRoIPool 1x1 features of ``boxes`` averaged over the region levels: (sum R_i, C)."""
+        feats = self.trunk_features(self, images)
+        rois = torch.cat([torch.cat([b.new_full((len(b), 1), float(i)), b], 1) for i, b in enumerate(boxes)])
+        pooled = [prroi_pool_1x1(feats[f], rois, 1.0 / s) for f, s in zip(self.region_features, self.region_strides)]
+        return torch.stack(pooled).mean(dim=0)

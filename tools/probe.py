@@ -1,0 +1,76 @@
+#!/usr/bin/env python
+"""Retrieval probe of a pretraining checkpoint, next to the same architecture at random init.
+
+    python tools/probe.py --config-file configs/quick_schedules/insloc_c4_probe_demo.yaml \
+        --weights output/insloc_c4_probe_demo/model_final.pth --random-init
+
+prints one column per model (checkpoint; random initialisation = the same config built fresh
+with the same seed) and one row per probe number (see ``regionssl/probe.py``). Trailing
+``KEY VALUE`` pairs override the config, e.g. ``TEST.REGIONSSL.PROBE_CROP_SIZE 128``.
+"""
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import regionssl  # noqa: E402,F401  (registers models and datasets)
+from detectron2.modeling import build_model  # noqa: E402
+from regionssl.checkpoint import RegionSSLCheckpointer  # noqa: E402
+from regionssl.engine import adapt_to_machine, get_regionssl_cfg  # noqa: E402
+from regionssl.probe import run_probe  # noqa: E402
+
+ROWS = ("top1", "top1_v1_to_v2", "top1_v2_to_v1", "image_top1", "num_regions", "chance")
+
+
+def build(cfg, seed, weights=None):
+    torch.manual_seed(seed)  # same seed -> same random initialisation for every column
+    model = build_model(cfg)
+    if weights:
+        RegionSSLCheckpointer(model).load(weights)
+    return model
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config-file", required=True)
+    parser.add_argument("--weights", default="", help="pretraining checkpoint (default: MODEL.WEIGHTS)")
+    parser.add_argument("--random-init", action="store_true", help="add a random-initialisation column")
+    parser.add_argument("--dataset", default=None, help="probe dataset (default TEST.REGIONSSL.PROBE_DATASET)")
+    parser.add_argument("--max-images", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=0, help="probe seed (views, boxes, augmentation)")
+    parser.add_argument("--init-seed", type=int, default=0, help="seed of the model construction")
+    parser.add_argument("opts", nargs=argparse.REMAINDER, default=[])
+    args = parser.parse_args(argv)
+    cfg = adapt_to_machine(get_regionssl_cfg(args.config_file, args.opts), world_size=1)
+    weights = args.weights or cfg.MODEL.WEIGHTS
+    columns = []
+    if weights:
+        columns.append(("checkpoint", weights))
+    if args.random_init or not weights:
+        columns.append(("random init", None))
+    results = {}
+    for name, w in columns:
+        start = time.perf_counter()
+        model = build(cfg, args.init_seed, w)
+        results[name] = run_probe(model, cfg, dataset=args.dataset, max_images=args.max_images, seed=args.seed)
+        results[name]["seconds"] = time.perf_counter() - start
+    print(f"probe: {cfg.MODEL.META_ARCHITECTURE} ({args.config_file}), dataset "
+          f"{args.dataset or cfg.TEST.REGIONSSL.PROBE_DATASET}, crop {cfg.TEST.REGIONSSL.PROBE_CROP_SIZE}, seed {args.seed}")
+    if weights:
+        print(f"checkpoint: {weights}")
+    print("| metric | " + " | ".join(n for n, _ in columns) + " |")
+    print("|---|" + "---|" * len(columns))
+    for row in ROWS + ("seconds",):
+        cells = []
+        for n, _ in columns:
+            v = results[n][row]
+            cells.append(f"{int(v)}" if row == "num_regions" else f"{v:.3f}")
+        print(f"| {row} | " + " | ".join(cells) + " |")
+    return results
+
+
+if __name__ == "__main__":
+    main()
