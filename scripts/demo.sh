@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# End-to-end demo on built-in data, CPU-friendly (~15 min on 2 cores):
+#   1. pretrain InsLoc-FPN (configs/insloc_fpn.yaml, shortened) on the demo photos,
+#   2. draw view pairs with their matched boxes,
+#   3. fine-tune Mask R-CNN R50-FPN from that checkpoint on the tiny COCO set (InsLoc protocol:
+#      backbone, FPN and 4conv1fc box head transferred) and evaluate box and mask AP.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+PY="${REGIONSSL_VENV:-$ROOT/.venv}/bin/python"
+OUT="${DEMO_OUTPUT:-$ROOT/output/demo}"
+export PYTHONWARNINGS=ignore
+mkdir -p "$OUT"
+
+echo "== [1/4] tiny COCO/VOC sets"
+"$PY" tools/build_tiny_datasets.py
+
+echo "== [2/4] pretraining InsLoc-FPN on the demo photos -> $OUT/pretrain"
+"$PY" train_net.py --config-file configs/quick_schedules/insloc_fpn_demo.yaml \
+    OUTPUT_DIR "$OUT/pretrain" 2>&1 | tee "$OUT/pretrain.log" | grep -E "eta:|Overall training speed" || true
+test -f "$OUT/pretrain/model_final.pth" || { echo "pretraining failed, see $OUT/pretrain.log"; exit 1; }
+
+echo "== [3/4] pictures of view pairs -> $OUT/pictures"
+"$PY" tools/visualize_views.py --config-file configs/quick_schedules/insloc_fpn_demo.yaml \
+    --num 4 --output "$OUT/pictures" > "$OUT/pictures.log" 2>&1 || { echo "picture command failed, see $OUT/pictures.log"; exit 1; }
+
+echo "== [4/4] fine-tuning Mask R-CNN R50-FPN from the InsLoc checkpoint -> $OUT/finetune"
+"$PY" train_net.py --config-file configs/quick_schedules/finetune_coco_mask_rcnn_R_50_FPN_demo.yaml \
+    MODEL.WEIGHTS "$OUT/pretrain/model_final.pth" \
+    MODEL.ROI_BOX_HEAD.NAME FastRCNNConvFCHeadExtraNorm MODEL.ROI_BOX_HEAD.NUM_CONV 4 \
+    MODEL.ROI_BOX_HEAD.NUM_FC 1 MODEL.ROI_BOX_HEAD.NORM BN \
+    OUTPUT_DIR "$OUT/finetune" 2>&1 | tee "$OUT/finetune.log" | grep -E "eta:|loading [0-9]+ online-encoder|Overall training speed" || true
+
+"$PY" tools/summarize_run.py --pretrain "$OUT/pretrain" --finetune "$OUT/finetune" --pictures "$OUT/pictures"
