@@ -15,6 +15,8 @@ import logging
 
 from detectron2.engine import default_argument_parser, default_setup, launch
 from detectron2.evaluation import verify_results
+from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
 
 import regionssl  # noqa: F401  (registers models, heads and datasets)
 from regionssl.engine import adapt_to_machine, check_weights_path, get_regionssl_cfg, is_pretraining, trainer_for
@@ -27,6 +29,8 @@ def setup(args):
         check_weights_path(cfg.MODEL.WEIGHTS)
     cfg.freeze()
     default_setup(cfg, args)
+    # default_setup configures only the detectron2/fvcore loggers; ours report checkpoint loading
+    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="regionssl")
     return cfg
 
 

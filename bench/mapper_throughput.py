@@ -46,6 +46,10 @@ PIPELINES = {
     ),
     "MultiCrop 2x224+6x96 + WholeView (SwAV)": ("configs/mocov2.yaml", ["INPUT.REGIONSSL.VIEW_GENERATOR", "MultiCrop"]),
     "CopyPaste + PastedBox + jitter (InsLoc)": ("configs/insloc_fpn.yaml", []),
+    # ablations: what the JPEG draft decoding and OpenCV resizing contribute
+    "ablation: MoCo-v2 without JPEG draft": ("configs/mocov2.yaml", ["INPUT.REGIONSSL.JPEG_DRAFT", "False"]),
+    "ablation: InsLoc without JPEG draft": ("configs/insloc_fpn.yaml", ["INPUT.REGIONSSL.JPEG_DRAFT", "False"]),
+    "ablation: InsLoc with cv2_bilinear (as mmcv)": ("configs/insloc_fpn.yaml", ["INPUT.REGIONSSL.INTERPOLATION", "cv2_bilinear"]),
 }
 BASELINE = "torchvision two-crop (MoCo-v2 aug+, no boxes)"
 

@@ -125,6 +125,8 @@ def _add_input_keys(cfg):
     i.FLIP_PROB = 0.5
     # A pair yielding no valid region is re-drawn this many times, then the image is skipped with a warning.
     i.MAX_RESAMPLE = 10
+    # Decode JPEGs at 1/2, 1/4 or 1/8 scale (libjpeg DCT scaling) when every crop shrinks at least that much.
+    i.JPEG_DRAFT = True
 
     i.PHOTOMETRIC = CN()
     # Colour jitter strengths (brightness, contrast, saturation, hue) (MoCo-v2: 0.4,0.4,0.4,0.1).

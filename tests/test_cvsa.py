@@ -11,7 +11,7 @@ from detectron2.modeling import build_model
 from PIL import Image
 
 import regionssl  # noqa: F401
-from regionssl.checkpoint import FormatTag, RegionSSLCheckpointer
+from regionssl.checkpoint import FormatTag, RegionSSLCheckpointer, select_encoder
 from regionssl.data.augmentations import INTERPOLATIONS
 from regionssl.data.mapper import RegionSSLDatasetMapper
 from regionssl.data.saliency import (
@@ -65,7 +65,7 @@ def test_most_salient_window_equals_brute_force():
     rng = np.random.default_rng(1)
     sal = rng.random((23, 31)).astype(np.float32)
     for side in (1, 5, 23):
-        sums = np.array([[sal[y : y + side, x : x + side].sum() for x in range(31 - side + 1)] for y in range(23 - side + 1)])
+        sums = np.array([[sal[y : y + side, x : x + side].sum() for x in range(32 - side)] for y in range(24 - side)])
         y, x = np.unravel_index(sums.argmax(), sums.shape)
         assert most_salient_window(sal, side) == (x, y)
 
@@ -92,9 +92,12 @@ def test_mask_files_source_and_missing_mask_fallback(tmp_path, caplog):
                  "INPUT.REGIONSSL.SALIENCY.MASK_DIR", str(mask_dir), "INPUT.REGIONSSL.CROP_SIZE", "32")
     dicts = [{"file_name": str(img_dir / n)} for n in ("a.jpg", "b.jpg")]
     mapper = RegionSSLDatasetMapper(cfg, dataset_dicts=dicts)
-    for d in dicts:
-        out = mapper(d)
+    outs = [mapper(d) for d in dicts]
+    for out in outs:
         assert [tuple(m.shape) for m in out["masks"]] == [(32, 32), (32, 32)]
+    # a.jpg's views carry grey levels of its mask file (the mapper passed the file name)
+    levels = set(np.unique(np.round(got * 255)).tolist())
+    assert all(set(np.unique(np.round(m.numpy() * 255)).tolist()) <= levels for m in outs[0]["masks"])
     with pytest.raises(FileNotFoundError, match="MASK_DIR"):
         MaskFileSaliency(str(tmp_path / "nope"), None)
 
@@ -164,7 +167,8 @@ def test_view_geometry_on_a_coordinate_image(interp):
                 np.testing.assert_array_equal(v.mask[vs, us] * 255, sal8[dx[:, 1], dx[:, 0]])
             np.testing.assert_array_equal(v.mask * 255, v.transform.apply_segmentation(sal8))
             off = np.ones((S, S), bool)
-            off[max(int(box[1]) - 1, 0) : int(np.ceil(box[3])) + 1, max(int(box[0]) - 1, 0) : int(np.ceil(box[2])) + 1] = False
+            x0, y0, x1, y1 = int(box[0]) - 1, int(box[1]) - 1, int(np.ceil(box[2])) + 1, int(np.ceil(box[3])) + 1
+            off[max(y0, 0) : y1, max(x0, 0) : x1] = False  # the pasted window, widened by 1 px
             assert not v.mask[off].any()
             checked += 1
     assert checked >= 8
@@ -259,7 +263,8 @@ def test_stage2_loads_a_byol_checkpoint(tmp_path):
     cfg = cfg_of("cvsa_instant_test.yaml")
     cvsa = build_model(cfg)
     conv_before = {k: v.clone() for k, v in cvsa.state_dict().items() if "conv_p" in k}
-    RegionSSLCheckpointer(cvsa, str(tmp_path / "stage2")).resume_or_load(str(tmp_path / "model_final.pth"), resume=False)
+    stage2 = RegionSSLCheckpointer(cvsa, str(tmp_path / "stage2"))
+    stage2.resume_or_load(str(tmp_path / "model_final.pth"), resume=False)
     got, want = cvsa.state_dict(), byol.state_dict()
     assert set(want) <= set(got)
     assert any(k.startswith("momentum.projector.") for k in want) and any(k.startswith("predictor.") for k in want)
@@ -267,3 +272,5 @@ def test_stage2_loads_a_byol_checkpoint(tmp_path):
         torch.testing.assert_close(got[key], value, rtol=0, atol=0, msg=key)
     for key, value in conv_before.items():  # not in the BYOL checkpoint: untouched
         torch.testing.assert_close(got[key], value, rtol=0, atol=0)
+    # transfer to a detector takes the online trunk only, never the conv heads or the target
+    assert sorted({k.split(".")[0] for k in select_encoder(got)}) == ["backbone"]

@@ -17,6 +17,7 @@ import random
 
 import numpy as np
 import pytest
+import torch
 from detectron2.data import transforms as T
 from PIL import Image
 
@@ -277,3 +278,56 @@ def test_jittered_box_is_in_query_view(tmp_path):
     for out, _ in run(mapper, record, 5):
         j = out["jittered_boxes"]
         assert j.shape == (1, 4) and j.dtype == out["boxes"][0].dtype
+
+
+# ----------------------------------------------------------------------------- JPEG draft decoding
+def _ramp_jpeg(path, w=1029, h=771):
+    """Smooth ramps R = a_x * x, G = a_y * y (x, y = pixel index); sides not multiples of 8."""
+    yy, xx = np.mgrid[0:h, 0:w]
+    img = np.stack([xx * 255.0 / (w - 1), yy * 255.0 / (h - 1), np.full((h, w), 128.0)], -1)
+    Image.fromarray(np.rint(img).astype(np.uint8)).save(path, quality=95)
+    return np.array([255.0 / (w - 1), 255.0 / (h - 1)]), (h, w)
+
+
+@pytest.mark.parametrize("interp", ["bilinear", "cv2_bilinear"])
+def test_jpeg_draft_keeps_geometry(tmp_path, monkeypatch, interp):
+    """Views decoded at 1/2..1/8 scale show the ramp values their transforms predict: the mean
+    offset between the value seen and the value at the predicted original position is < 1 px,
+    while a half reduced pixel (r / 2 px) would be 1-4 px. Draft and full decoding agree."""
+    from regionssl.data.datasets import ImageFile
+
+    path = tmp_path / "ramp.jpg"
+    slope, (h, w) = _ramp_jpeg(path)
+    used = []
+    real = ImageFile.decode
+    monkeypatch.setattr(ImageFile, "decode", lambda self, r=1: used.append(self.max_decode_reduction(r)) or real(self, r))
+
+    def mapped(draft, seed):
+        cfg = get_regionssl_cfg(None, [
+            "INPUT.REGIONSSL.CROP_SIZE", 64, "INPUT.REGIONSSL.INTERPOLATION", interp, "INPUT.REGIONSSL.JPEG_DRAFT", draft,
+            "INPUT.REGIONSSL.PHOTOMETRIC.ENABLED", False, "INPUT.REGIONSSL.CROP_SCALE", (0.02, 1.0)])
+        mapper = RegionSSLDatasetMapper(cfg, dataset_dicts=[{"file_name": str(path), "image_id": 0}])
+        mapper.region_sampler = Recorder(mapper.region_sampler)
+        np.random.seed(seed)
+        out = mapper({"file_name": str(path), "image_id": 0})
+        return out, mapper.region_sampler.views
+
+    for seed in range(16):
+        out, views = mapped(True, seed)
+        r = used[-1]
+        for pixels, view in zip(out["views"], views):
+            img = pixels.permute(1, 2, 0).numpy().astype(np.float64)
+            yy, xx = np.mgrid[0:64, 0:64]
+            centres = np.stack([xx.ravel() + 0.5, yy.ravel() + 0.5], 1)
+            p = view.transform.inverse().apply_coords(centres).reshape(64, 64, 2)
+            keep = (p[..., 0] > 3 * r) & (p[..., 0] < w - 3 * r) & (p[..., 1] > 3 * r) & (p[..., 1] < h - 3 * r)
+            for c in (0, 1):  # offset in original px between what is seen and what is predicted
+                offset = (img[..., c][keep] / slope[c] - (p[..., c][keep] - 0.5)).mean()
+                assert abs(offset) < 1.0, (seed, r, c, offset)
+        ref, _ = mapped(False, seed)
+        assert used[-1] == 1
+        for a, b in zip(out["views"], ref["views"]):
+            assert (a.double() - b.double()).abs().mean() < 1.5
+        for a, b in zip(out["boxes"], ref["boxes"]):
+            assert torch.equal(a, b)
+    assert {2, 4, 8} <= set(used), f"draft scales used: {sorted(set(used))}"

@@ -212,25 +212,35 @@ def _two_process_worker(out_dir):
     result["gathered_shape"], result["local_shape"] = list(gathered.shape), list(local.shape)
     result["gathered_is_both"] = bool(torch.allclose(gathered, expected))
     result["local_is_own"] = bool(torch.allclose(local, expected[:, rank * 18:(rank + 1) * 18]))
-    # 2) the model: identical weights on both ranks, different images
+    # 2) the model: identical weights and buffers on both ranks, different images
     torch.manual_seed(0)
     cfg = cfg_of("quick_schedules/resim_fpn_instant_test.yaml", *SMALL, "INPUT.REGIONSSL.CROP_SCALE", "(0.9, 1.0)")
     model = build_model(cfg)
     batch = mapped_batch(cfg, 2, seed=10 + rank)
-    with EventStorage() as storage:
-        losses = model(batch)
-        latest = {k: v[0] for k, v in storage.latest().items()}
-    result["finite"] = all(math.isfinite(float(v)) for v in losses.values())
-    result["num_neg_p4"], result["num_neg_p3"] = latest["regionssl/num_neg_p4"], latest["regionssl/num_neg_p3"]
-    # 3) shuffle-BN routing: with fixed BN statistics the shuffled key features equal local ones
+    # shuffle-BN routing: with fixed (identical) BN statistics the shuffled key features equal the
+    # local ones. Checked before any training step: train-mode steps give each rank its own key
+    # encoder running statistics (buffers are not synchronised, as in MoCo).
     model.momentum.eval()
     images = model.view_batch(batch, 1)
-    k_sh, maps_sh = model.key_features(images)
+    randperm = torch.randperm
+    torch.randperm = lambda n, **kw: torch.tensor([3, 0, 1, 2])  # force a cross-rank shuffle
+    try:
+        k_sh, maps_sh = model.key_features(images)
+    finally:
+        torch.randperm = randperm
     model.shuffle_bn = False
     k_loc, maps_loc = model.key_features(images)
     result["shuffle_routes_back"] = bool(
         torch.allclose(k_sh, k_loc, atol=1e-5) and all(torch.allclose(maps_sh[f], maps_loc[f], atol=1e-4) for f in maps_loc)
     )
+    result["debug"] = [float((k_sh - k_loc).abs().max())] + [float((maps_sh[f] - maps_loc[f]).abs().max()) for f in maps_loc]
+    model.momentum.train()
+    model.shuffle_bn = True
+    with EventStorage() as storage:
+        losses = model(batch)
+        latest = {k: v[0] for k, v in storage.latest().items()}
+    result["finite"] = all(math.isfinite(float(v.detach())) for v in losses.values())
+    result["num_neg_p4"], result["num_neg_p3"] = latest["regionssl/num_neg_p4"], latest["regionssl/num_neg_p3"]
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(result, f)
 
@@ -244,4 +254,4 @@ def test_two_processes_gather_p4_negatives_only(tmp_path):
         assert r["finite"]
         assert r["num_neg_p4"] == 2 * 2 * 2 * 2  # 2 ranks x 2 images x (4 - 3 + 1)^2
         assert r["num_neg_p3"] == 2 * 6 * 6  # local: 2 images x (8 - 3 + 1)^2
-        assert r["shuffle_routes_back"]
+        assert r["shuffle_routes_back"], r["debug"]

@@ -14,6 +14,11 @@ Output (DESIGN.md §3), for V views and R regions:
 Bad images (corrupt, unreadable, tiny) and pairs that yield no valid region after
 ``MAX_RESAMPLE`` re-draws return None with a warning naming the file; Detectron2's
 ``MapDataset`` then draws another image, so the training loop never dies on one bad file.
+
+Decoding is lazy: the built-in view generators draw their crops from the image size (read from
+the file header), then the image is decoded once at the coarsest JPEG scale 1/r (r in 1, 2, 4, 8)
+at which every crop still has at least its output resolution (``INPUT.REGIONSSL.JPEG_DRAFT``).
+Geometry is unaffected: transforms stay in original-image pixels (views.py, augmentations.py).
 """
 import copy
 import logging
@@ -24,10 +29,10 @@ import torch
 from detectron2.config import configurable
 from detectron2.data import transforms as T
 
-from .datasets import read_rgb_or_none
+from .datasets import UnreadableImageError, decode_or_none, open_image_or_none, read_rgb_or_none
 from .photometric import build_photometric_augmentations
 from .regions import anchor_jitter, build_region_sampler
-from .views import build_view_generator
+from .views import build_view_generator, max_reduction
 
 __all__ = ["RegionSSLDatasetMapper", "BackgroundSource"]
 
@@ -40,10 +45,10 @@ _INSIDE_TOL = 1e-3
 class BackgroundSource:
     """Random images of the dataset, used as backgrounds by compositing view generators."""
 
-    def __init__(self, file_names, max_tries=10):
+    def __init__(self, file_names, max_tries=10, draft=True):
         if not file_names:
             raise ValueError("BackgroundSource needs at least one image")
-        self.file_names, self.max_tries = list(file_names), max_tries
+        self.file_names, self.max_tries, self.draft = list(file_names), max_tries, draft
 
     def __call__(self):
         return self.sample()[0]
@@ -57,23 +62,37 @@ class BackgroundSource:
                 return image, file_name
         raise RuntimeError(f"No readable background image after {self.max_tries} tries")
 
+    def resized(self, out_h, out_w, interp):
+        """A random readable image resized to (out_h, out_w, 3) uint8 (aspect not kept, as InsLoc's
+        ``mmcv.imresize``); large JPEGs are decoded at the coarsest scale still >= the output."""
+        for _ in range(self.max_tries):
+            item = open_image_or_none(random.choice(self.file_names))
+            if item is None:
+                continue
+            decoded = decode_or_none(item, min(item.width / out_w, item.height / out_h) if self.draft else 1)
+            if decoded is not None:
+                return decoded.resized_crop((0, 0, item.width, item.height), out_w, out_h, interp)
+        raise RuntimeError(f"No readable background image after {self.max_tries} tries")
+
 
 class RegionSSLDatasetMapper:
     """Make views with ``view_generator``, regions with ``region_sampler``, then per-view
     photometric augmentations (``photometric[v]``, last list repeats for extra views)."""
 
     @configurable
-    def __init__(self, *, view_generator, region_sampler, photometric, max_resample=10, jitter=None):
+    def __init__(self, *, view_generator, region_sampler, photometric, max_resample=10, jitter=None, jpeg_draft=True):
         self.view_generator = view_generator
         self.region_sampler = region_sampler
         self.photometric = [T.AugmentationList(augs) for augs in photometric]
         self.max_resample = max_resample
         self.jitter = jitter
+        self.jpeg_draft = jpeg_draft
 
     @classmethod
     def from_config(cls, cfg, dataset_dicts=None):
         c = cfg.INPUT.REGIONSSL
-        background = BackgroundSource([d["file_name"] for d in dataset_dicts]) if dataset_dicts else None
+        files = [d["file_name"] for d in dataset_dicts or []]
+        background = BackgroundSource(files, draft=c.JPEG_DRAFT) if files else None
         p = c.PHOTOMETRIC
         n = max(len(p.BLUR_PROB), len(p.SOLARIZE_PROB))
         photometric = []
@@ -104,14 +123,37 @@ class RegionSSLDatasetMapper:
             "photometric": photometric,
             "max_resample": c.MAX_RESAMPLE,
             "jitter": jitter,
+            "jpeg_draft": c.JPEG_DRAFT,
         }
 
-    def _views_and_regions(self, image, file_name=None):
-        """Draw views and regions until at least one region is valid (bounded)."""
+    def _make_views(self, image, file_name, decoded):
+        """Views of ``image`` (an (H, W, 3) array or an :class:`ImageFile`); ``decoded`` caches
+        decodings of the file by reduction. Raises on undecodable data."""
+        gen = self.view_generator
+        if isinstance(image, np.ndarray):
+            pixels = image
+        elif hasattr(gen, "plan"):
+            plan = gen.plan(image.height, image.width)
+            r = image.max_decode_reduction(max_reduction(plan)) if self.jpeg_draft else 1
+            if r not in decoded:
+                decoded[r] = image.decode(r)
+            return gen.render(decoded[r], plan)
+        else:
+            if 1 not in decoded:
+                decoded[1] = image.decode(1)
+            pixels = decoded[1].array()
         # generators that look files up by name (SaliencySwap's mask files) declare it
-        kwargs = {"file_name": file_name} if getattr(self.view_generator, "takes_file_name", False) else {}
+        kwargs = {"file_name": file_name} if getattr(gen, "takes_file_name", False) else {}
+        return gen(pixels, **kwargs)
+
+    def _views_and_regions(self, image, file_name=None):
+        """Draw views and regions until at least one region is valid (bounded).
+
+        ``image``: (H, W, 3) uint8 array, or an :class:`ImageFile` decoded as coarsely as the views allow.
+        """
+        decoded = {}
         for _ in range(self.max_resample + 1):
-            views = self.view_generator(image, **kwargs)
+            views = self._make_views(image, file_name, decoded)
             regions = self.region_sampler(views)
             if regions.view_boxes is not None:
                 boxes = [b.astype(np.float64) for b in regions.view_boxes]
@@ -131,10 +173,14 @@ class RegionSSLDatasetMapper:
     def __call__(self, dataset_dict):
         dataset_dict = copy.copy(dataset_dict)
         file_name = dataset_dict["file_name"]
-        image = read_rgb_or_none(file_name)
+        image = open_image_or_none(file_name)  # header only; warns and gives None if unreadable
         if image is None:
             return None
-        drawn = self._views_and_regions(image, file_name)
+        try:
+            drawn = self._views_and_regions(image, file_name)
+        except UnreadableImageError as e:  # header fine, pixel data corrupt or truncated
+            logger.warning(f"Skipping unreadable image {e}")
+            return None
         if drawn is None:
             logger.warning(
                 f"Skipping {file_name}: no valid region in {self.max_resample + 1} draws of views "
@@ -145,8 +191,8 @@ class RegionSSLDatasetMapper:
         out = {
             "file_name": file_name,
             "image_id": dataset_dict.get("image_id", file_name),
-            "height": image.shape[0],
-            "width": image.shape[1],
+            "height": image.height,
+            "width": image.width,
             "views": [],
             "boxes": [torch.as_tensor(b, dtype=torch.float32).reshape(-1, 4) for b in boxes],
             "valid": torch.as_tensor(valid),

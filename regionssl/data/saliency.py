@@ -212,7 +212,6 @@ class SaliencySwap:
             "interp": INTERPOLATIONS[c.INTERPOLATION],
             "flip_prob": c.FLIP_PROB,
             "background_source": background_source,
-            "max_crop_tries": c.MAX_RESAMPLE,
         }
 
     def salient_window(self, image, file_name=None):

@@ -13,18 +13,34 @@ Registered generators (``INPUT.REGIONSSL.VIEW_GENERATOR``):
 * ``CopyPaste``          InsLoc: a foreground crop rescaled to a random size and pasted on another
                          image of the dataset resized to the canvas; one composite per view.
 ``SaliencySwap`` (CVSA) is registered in ``saliency.py``.
+
+The built-in generators work in two steps so the mapper can decode as little as needed: ``plan``
+draws all the geometry from the image size alone (a list of :class:`CropSpec`), then ``render``
+resamples every crop from a :class:`DecodedImage`, which may be a JPEG decoded at 1/r scale when
+every crop of the plan shrinks by at least r (:func:`max_reduction`). Calling a generator on an
+array does both. Other generators only need ``__call__(image)``.
 """
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import numpy as np
 from detectron2.config import configurable
 from detectron2.data import transforms as T
 from detectron2.utils.registry import Registry
 
-from .augmentations import INTERPOLATIONS, PasteTransform, resized_crop_transform, sample_resized_crop
+from .augmentations import (
+    INTERPOLATIONS,
+    DecodedImage,
+    PasteTransform,
+    ResizeTransform,
+    resized_crop_transform,
+    sample_resized_crop,
+)
 
-__all__ = ["View", "VIEW_GENERATOR_REGISTRY", "build_view_generator", "TwoCrops", "MultiCrop", "CopyPaste"]
+__all__ = [
+    "View", "CropSpec", "VIEW_GENERATOR_REGISTRY", "build_view_generator", "max_reduction",
+    "TwoCrops", "TwoCropsSharedFlip", "MultiCrop", "CopyPaste",
+]
 
 VIEW_GENERATOR_REGISTRY = Registry("REGIONSSL_VIEW_GENERATOR")
 VIEW_GENERATOR_REGISTRY.__doc__ = "Makes a list of `View`s from one image; see regionssl/data/views.py."
@@ -45,6 +61,25 @@ class View:
     transform: T.Transform
     source_box: np.ndarray
     mask: Optional[np.ndarray] = None
+
+
+@dataclass
+class CropSpec:
+    """The geometry of one view, drawn before decoding: original rectangle ``box = (x0, y0, w, h)``
+    resampled to ``out_w x out_h``, then flipped if ``flip``; ``paste = (x, y)`` places it on a
+    canvas (CopyPaste)."""
+
+    box: Tuple[int, int, int, int]
+    out_w: int
+    out_h: int
+    flip: bool = False
+    paste: Optional[Tuple[int, int]] = None
+
+
+def max_reduction(plan):
+    """Smallest shrink factor over the crops of ``plan``: decoding at 1/r with r up to this value
+    still leaves every crop at least its output resolution."""
+    return min(min(s.box[2] / s.out_w, s.box[3] / s.out_h) for s in plan)
 
 
 def build_view_generator(cfg, background_source=None):
@@ -68,15 +103,40 @@ def _maybe_flip(view_tfm, out_w, flip):
     return T.TransformList([view_tfm, T.HFlipTransform(out_w)])
 
 
+def _flip_pixels(img, flip):
+    return np.ascontiguousarray(img[:, ::-1]) if flip else img
+
+
+def _source_box(box):
+    x0, y0, w, h = box
+    return np.array([x0, y0, x0 + w, y0 + h], dtype=np.float64)
+
+
+def _render_crop(pixels, spec, interp):
+    """A plain resized-crop view of ``pixels`` (a DecodedImage) as drawn in ``spec``."""
+    tfm = resized_crop_transform(pixels.height, pixels.width, spec.box, spec.out_h, spec.out_w, interp)
+    image = pixels.resized_crop(spec.box, spec.out_w, spec.out_h, interp)
+    return View(_flip_pixels(image, spec.flip), _maybe_flip(tfm, spec.out_w, spec.flip), _source_box(spec.box))
+
+
 def _crop_view(image, box, out_size, interp, flip):
-    h, w = image.shape[:2]
-    tfm = _maybe_flip(resized_crop_transform(h, w, box, out_size, out_size, interp), out_size, flip)
-    x0, y0, cw, ch = box
-    return View(tfm.apply_image(image), tfm, np.array([x0, y0, x0 + cw, y0 + ch], dtype=np.float64))
+    """View of the (H, W, 3) uint8 ``image`` showing ``box = (x0, y0, w, h)`` at ``out_size``."""
+    return _render_crop(DecodedImage(np.asarray(image)), CropSpec(tuple(box), out_size, out_size, bool(flip)), interp)
+
+
+class _PlannedGenerator:
+    """Base of generators with ``plan(height, width) -> [CropSpec]`` and ``render(pixels, plan)``."""
+
+    def __call__(self, image) -> List[View]:
+        pixels = image if isinstance(image, DecodedImage) else DecodedImage(np.asarray(image))
+        return self.render(pixels, self.plan(pixels.height, pixels.width))
+
+    def render(self, pixels, plan) -> List[View]:
+        return [_render_crop(pixels, spec, self.interp) for spec in plan]
 
 
 @VIEW_GENERATOR_REGISTRY.register()
-class TwoCrops:
+class TwoCrops(_PlannedGenerator):
     """Two RandomResizedCrops of side ``crop_size`` (scale s, ratio r), flipped with ``flip_prob``."""
 
     @configurable
@@ -95,15 +155,12 @@ class TwoCrops:
             "flip_prob": c.FLIP_PROB,
         }
 
-    def __call__(self, image) -> List[View]:
-        h, w = image.shape[:2]
+    def plan(self, height, width):
         flips = np.random.rand(2) < self.flip_prob
         if self.shared_flip:
             flips[1] = flips[0]
-        return [
-            _crop_view(image, sample_resized_crop(h, w, self.scale, self.ratio), self.crop_size, self.interp, f)
-            for f in flips
-        ]
+        s = self.crop_size
+        return [CropSpec(sample_resized_crop(height, width, self.scale, self.ratio), s, s, bool(f)) for f in flips]
 
 
 @VIEW_GENERATOR_REGISTRY.register()
@@ -116,7 +173,7 @@ class TwoCropsSharedFlip(TwoCrops):
 
 
 @VIEW_GENERATOR_REGISTRY.register()
-class MultiCrop:
+class MultiCrop(_PlannedGenerator):
     """SwAV multi-crop: for each resolution i, ``num_crops[i]`` crops of side ``sizes[i]`` with
     area fraction in ``[min_scales[i], max_scales[i]]``. Large crops come first."""
 
@@ -140,18 +197,17 @@ class MultiCrop:
             "flip_prob": c.FLIP_PROB,
         }
 
-    def __call__(self, image) -> List[View]:
-        h, w = image.shape[:2]
-        views = []
+    def plan(self, height, width):
+        plan = []
         for n, size, lo, hi in self.specs:
             for _ in range(n):
-                box = sample_resized_crop(h, w, (lo, hi), self.ratio)
-                views.append(_crop_view(image, box, size, self.interp, np.random.rand() < self.flip_prob))
-        return views
+                box = sample_resized_crop(height, width, (lo, hi), self.ratio)
+                plan.append(CropSpec(box, size, size, bool(np.random.rand() < self.flip_prob)))
+        return plan
 
 
 @VIEW_GENERATOR_REGISTRY.register()
-class CopyPaste:
+class CopyPaste(_PlannedGenerator):
     """InsLoc's composites (METHODS §4.1).
 
     For each of the two views: crop the foreground image with RandomResizedCrop's rule
@@ -159,7 +215,12 @@ class CopyPaste:
     (w, h) with w, h ~ U[fg_size) (mmcv ``imrescale``: factor = min(long_t / long, short_t / short)),
     paste it at a uniformly random position on another random dataset image resized to
     ``canvas x canvas``, then flip the composite with ``flip_prob``. The pasted rectangle is
-    the crop rectangle moved by the view's transform.
+    the crop rectangle moved by the view's transform. The official pipeline resizes with OpenCV
+    bilinear (mmcv), i.e. ``INPUT.REGIONSSL.INTERPOLATION "cv2_bilinear"``.
+
+    ``background_source`` is a callable returning a random dataset image; if it also has
+    ``resized(out_h, out_w, interp)`` (the mapper's BackgroundSource), that is used to get the
+    canvas directly (decoded at reduced scale when the image is large).
     """
 
     @configurable
@@ -192,23 +253,38 @@ class CopyPaste:
         nh = int(np.clip(round(h * factor), 1, self.canvas))
         return nw, nh
 
-    def _one_view(self, image, crop):
-        h, w = image.shape[:2]
-        x0, y0, cw, ch = crop
-        nw, nh = self._fit_size(cw, ch)
-        bg = self.background_source()
-        bg = T.ResizeTransform(bg.shape[0], bg.shape[1], self.canvas, self.canvas, self.interp).apply_image(bg)
-        px = np.random.randint(0, self.canvas - nw + 1)
-        py = np.random.randint(0, self.canvas - nh + 1)
-        tfm = T.TransformList(
-            [resized_crop_transform(h, w, (x0, y0, cw, ch), nh, nw, self.interp), PasteTransform(bg, px, py, nw, nh)]
-        )
-        tfm = _maybe_flip(tfm, self.canvas, np.random.rand() < self.flip_prob)
-        return View(tfm.apply_image(image), tfm, np.array([x0, y0, x0 + cw, y0 + ch], dtype=np.float64))
-
-    def __call__(self, image) -> List[View]:
-        h, w = image.shape[:2]
-        crops = [sample_resized_crop(h, w, self.scale, self.ratio) for _ in range(2)]
+    def plan(self, height, width):
+        crops = [sample_resized_crop(height, width, self.scale, self.ratio) for _ in range(2)]
         if self.shared_crop:
             crops[1] = crops[0]
-        return [self._one_view(image, crop) for crop in crops]
+        plan = []
+        for crop in crops:
+            nw, nh = self._fit_size(crop[2], crop[3])
+            px = np.random.randint(0, self.canvas - nw + 1)
+            py = np.random.randint(0, self.canvas - nh + 1)
+            plan.append(CropSpec(crop, nw, nh, bool(np.random.rand() < self.flip_prob), (int(px), int(py))))
+        return plan
+
+    def _background(self):
+        """(canvas, canvas, 3) uint8, writable."""
+        src, c = self.background_source, self.canvas
+        if hasattr(src, "resized"):
+            return np.array(src.resized(c, c, self.interp))
+        bg = src()
+        return np.array(ResizeTransform(bg.shape[0], bg.shape[1], c, c, self.interp).apply_image(bg))
+
+    def render(self, pixels, plan) -> List[View]:
+        views = []
+        for spec in plan:
+            (px, py), nw, nh = spec.paste, spec.out_w, spec.out_h
+            bg = self._background()
+            paste = PasteTransform(bg, px, py, nw, nh)
+            tfm = T.TransformList(
+                [resized_crop_transform(pixels.height, pixels.width, spec.box, nh, nw, self.interp), paste]
+            )
+            canvas = bg.copy()  # PasteTransform keeps bg for apply_image/inverse
+            canvas[py : py + nh, px : px + nw] = pixels.resized_crop(spec.box, nw, nh, self.interp)
+            views.append(
+                View(_flip_pixels(canvas, spec.flip), _maybe_flip(tfm, self.canvas, spec.flip), _source_box(spec.box))
+            )
+        return views

@@ -94,9 +94,8 @@ def ema_update(online, target, m):
         assert len(t_params) == len(o_params), name
         if not t_params:
             continue
-        o_params = [p.detach() for p in o_params]
-        torch._foreach_mul_(t_params, m)
-        torch._foreach_add_(t_params, o_params, alpha=1.0 - m)
+        # one fused pass, xi + (1 - m)(theta - xi); exact at both ends (m = 0 gives theta, m = 1 xi)
+        torch._foreach_lerp_(t_params, [p.detach() for p in o_params], 1.0 - m)
 
 
 @torch.no_grad()

@@ -59,7 +59,8 @@ class BYOLBase(RegionSSLBase):
 
     Diagnostics (``regionssl/...``): ``pos_sim`` mean cos(prediction, target projection) over both
     directions, ``emb_std`` std of the normalised online projections (-> 0 on collapse; ~1/sqrt(256)
-    when spread), ``num_pairs`` matched rows R, ``momentum`` the tau applied this step.
+    when spread), ``num_pairs`` matched rows R, ``momentum`` tau_{k-1} applied at iteration k
+    (k = 0 logs tau_0 although nothing is averaged yet).
     """
 
     loss_name = "byol"

@@ -116,8 +116,9 @@ class CVSA(BYOLBase):
             l_k, v_k = saliency_alignment(a_k, masks[ks])
             total = total + (l_q + l_k) / 2
             with torch.no_grad():
-                valid_maps += int(v_q.sum() + v_k.sum())
-                on_mask += float(((a_q * (masks[qs] > 0)).sum(1) * v_q).sum() + ((a_k * (masks[ks] > 0)).sum(1) * v_k).sum())
+                for a, m, v in ((a_q, masks[qs], v_q), (a_k, masks[ks], v_k)):
+                    valid_maps += int(v.sum())
+                    on_mask += float(((a * (m > 0)).sum(1) * v).sum())
         self.log(align_pairs=valid_maps, attn_on_mask=on_mask / max(valid_maps, 1))
         return total
 

@@ -137,6 +137,14 @@ class ReSim(ContrastiveBase):
         self.region_weights, self.gather_negatives = list(region_weights), list(gather_negatives)
         self.negative_pool = negative_pool
         self.is_fpn = hasattr(self.backbone, "bottom_up")
+        if self.is_fpn:
+            # Detectron2's FPN has an output conv per input level; those of levels without a loss
+            # (fpn_output5 for P4+P3) would only shrink under weight decay and then transfer as
+            # such: keep them at their initialisation, like the detector's own.
+            used = {f"fpn_output{f[1:]}." for f in self.region_features}
+            for name, p in self.backbone.named_parameters():
+                if name.startswith("fpn_output") and not name.startswith(tuple(used)):
+                    p.requires_grad_(False)
 
     @classmethod
     def from_config(cls, cfg):

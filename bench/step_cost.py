@@ -1,0 +1,182 @@
+"""Cost of one pretraining step: InsLoc-FPN and InsLoc-C4 against MoCo-v2, same R50, batch, input.
+
+One step = forward (query encoder + momentum update + shuffle-BN key encoder + InfoNCE + enqueue)
++ backward + optimizer step, exactly what ``SimpleTrainer.run_step`` does, with the optimizer
+``PretrainTrainer`` builds (SGD, Nesterov for InsLoc). Every model gets its own real mapper's
+batch at the same canvas (``--size``; InsLoc: CopyPaste with foreground size [S/2, S), the
+official 128-255 of 256; MoCo-v2: TwoCrops), made once and reused, so data time is excluded.
+Queues have the real K = 65536. Models are timed in interleaved rounds (order rotated each
+round) on a noisy machine; medians over rounds are reported, and each ratio to MoCo-v2 is the
+median of the per-round ratios (paired, so slow phases of the machine cancel).
+
+Also printed: per-section medians (query backbone, query RoI pooling + head, projector,
+momentum EMA, key encoder, loss + enqueue, backward, optimizer), forward FLOPs per component
+(fvcore, 1 multiply-add = 1 flop) and the queue memory at K = 65536.
+
+    python bench/step_cost.py                       # batch 4, 224 px, 7 rounds
+    python bench/step_cost.py --batch 4 --size 224 --rounds 9 --threads 2
+"""
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+from collections import defaultdict
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import regionssl  # noqa: E402,F401
+from detectron2.modeling import build_model  # noqa: E402
+from fvcore.nn import FlopCountAnalysis  # noqa: E402
+from regionssl.data.build import get_pretrain_dataset_dicts  # noqa: E402
+from regionssl.data.mapper import RegionSSLDatasetMapper  # noqa: E402
+from regionssl.engine import PretrainTrainer, get_regionssl_cfg  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MODELS = {"MoCo-v2": "configs/mocov2.yaml", "InsLoc-C4": "configs/insloc_c4.yaml", "InsLoc-FPN": "configs/insloc_fpn.yaml"}
+SECTIONS = ("q_backbone", "q_pool_head", "q_projector", "momentum_ema", "key_encoder", "loss_enqueue", "backward", "optimizer")
+
+
+def build(name, size, batch):
+    opts = ["MODEL.DEVICE", "cpu", "INPUT.REGIONSSL.CROP_SIZE", size, "DATASETS.TRAIN", "('regionssl_demo_images',)",
+            "INPUT.REGIONSSL.COPY_PASTE.FG_SIZE", [size // 2, size - 1]]
+    cfg = get_regionssl_cfg(os.path.join(REPO, MODELS[name]), opts)
+    torch.manual_seed(0)
+    model = build_model(cfg).train()
+    optimizer = PretrainTrainer.build_optimizer(cfg, model)
+    dicts = get_pretrain_dataset_dicts(cfg.DATASETS.TRAIN)
+    mapper = RegionSSLDatasetMapper(cfg, dataset_dicts=dicts)
+    data = [mapper(dicts[i % len(dicts)]) for i in range(batch)]
+    return cfg, model, optimizer, data
+
+
+class Timer:
+    """Wraps model parts to accumulate wall time per section for the current step."""
+
+    def __init__(self, model):
+        self.t = defaultdict(float)
+        self.in_key = False
+        self._wrap(model.backbone, "forward", "q_backbone")
+        self._wrap(model.pooler, "forward", "q_pool_head", skip_in_key=True)
+        self._wrap(model.projector, "forward", "q_projector")
+        self._wrap(model, "update_momentum", "momentum_ema")
+        self._wrap(model, "key_embed", "key_encoder", key=True)
+        self._wrap(model, "contrastive_losses", "loss_enqueue")
+
+    def _wrap(self, obj, attr, section, skip_in_key=False, key=False):
+        fn = getattr(obj, attr)
+
+        def wrapped(*args, **kwargs):
+            if skip_in_key and self.in_key:
+                return fn(*args, **kwargs)
+            self.in_key |= key
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.t[section] += time.perf_counter() - start
+                self.in_key &= not key
+
+        setattr(obj, attr, wrapped)
+
+
+def step(model, optimizer, data, timer):
+    timer.t.clear()
+    start = time.perf_counter()
+    losses = model(data)
+    total = sum(losses.values())
+    optimizer.zero_grad()
+    t0 = time.perf_counter()
+    total.backward()
+    t1 = time.perf_counter()
+    optimizer.step()
+    end = time.perf_counter()
+    timer.t["backward"], timer.t["optimizer"] = t1 - t0, end - t1
+    return end - start, dict(timer.t)
+
+
+def flops(model, batch, size):
+    """Forward multiply-adds (G) per component for ``batch`` images of one view."""
+    x = torch.randn(batch, 3, size, size)
+    model.eval()
+    out = {}
+    with torch.no_grad():
+        feats = model.backbone(x)
+        count = lambda m, *inp: FlopCountAnalysis(m, inp).unsupported_ops_warnings(False).uncalled_modules_warnings(False).total()  # noqa: E731
+        trunk = getattr(model.backbone, "bottom_up", model.backbone)
+        out["resnet"] = count(trunk, x)
+        out["fpn"] = count(model.backbone, x) - out["resnet"] if trunk is not model.backbone else 0.0
+        kind = model.pooler.kind
+        if kind == "fpn":
+            res = model.pooler.aligners[0].output_size[0]
+            pooled = torch.randn(len(model.levels) * batch, feats["p2"].shape[1], res, res)
+            out["region_head"] = count(model.roi_heads.box_head, pooled)
+        elif kind == "c4":
+            res = model.pooler.aligners[0].output_size[0]
+            pooled = torch.randn(batch, feats["res4"].shape[1], res, res)
+            out["region_head"] = count(model.roi_heads.res5, pooled)
+        z = torch.randn(len(model.levels) * batch, model.feature_dim)
+        out["projector"] = count(model.projector, z)
+    model.train()
+    d, k = model.queues.queue.shape[1:]
+    out["infonce_vs_queue"] = len(model.levels) * batch * d * k
+    return {name: v / 1e9 for name, v in out.items()}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per model first")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    names = list(MODELS)
+    runs = {n: build(n, args.size, args.batch) for n in names}
+    timers = {n: Timer(runs[n][1]) for n in names}
+    for n in names:
+        for _ in range(args.warmup):
+            step(*runs[n][1:], timers[n])
+    times, sections = defaultdict(list), defaultdict(lambda: defaultdict(list))
+    for r in range(args.rounds):
+        order = names[r % len(names):] + names[: r % len(names)]
+        for n in order:
+            t, sec = step(*runs[n][1:], timers[n])
+            times[n].append(t)
+            for s, v in sec.items():
+                sections[n][s].append(v)
+        print(f"round {r}: " + ", ".join(f"{n} {times[n][-1]:.2f}s" for n in names), flush=True)
+
+    base = "MoCo-v2"
+    print(f"\n{platform.processor() or platform.machine()}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
+          f"batch {args.batch}, {args.size}x{args.size} views, R50, K=65536, {args.rounds} rounds (median)")
+    print("| model | step s (median) | ratio to MoCo-v2 (median of per-round ratios) | queue buffers at K=65536 |")
+    print("|---|---|---|---|")
+    for n in names:
+        ratio = statistics.median(a / b for a, b in zip(times[n], times[base]))
+        q = runs[n][1].queues
+        qbytes = sum(b.numel() * b.element_size() for b in q.buffers())
+        print(f"| {n} | {statistics.median(times[n]):.3f} | {ratio:.3f} | {qbytes:,} B ({qbytes / 2**20:.1f} MiB, "
+              f"{tuple(q.queue.shape)}) |")
+    print("\nPer-section medians (s); q_* = query forward parts, key_encoder includes shuffle + RoI head + projector")
+    print("| model | " + " | ".join(SECTIONS) + " |")
+    print("|---|" + "---|" * len(SECTIONS))
+    for n in names:
+        print(f"| {n} | " + " | ".join(f"{statistics.median(sections[n][s]):.3f}" for s in SECTIONS) + " |")
+    print("\nForward GMACs for one view of the batch (fvcore; a training step ~ 3x query + 1x key forward)")
+    rows = {n: flops(runs[n][1], args.batch, args.size) for n in names}
+    cols = ("resnet", "fpn", "region_head", "projector", "infonce_vs_queue")
+    print("| model | " + " | ".join(cols) + " | total | ratio |")
+    print("|---|" + "---|" * (len(cols) + 2))
+    base_total = sum(rows[base].values())
+    for n in names:
+        total = sum(rows[n].values())
+        print(f"| {n} | " + " | ".join(f"{rows[n].get(c, 0.0):.2f}" for c in cols) + f" | {total:.2f} | {total / base_total:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
