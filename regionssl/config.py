@@ -59,7 +59,8 @@ def _add_model_keys(cfg):
     r.PROJECTOR.HIDDEN_DIM = 2048
     # Output width of g, the embedding dim (MoCo/InsLoc: 128; BYOL/SCRL: 256).
     r.PROJECTOR.OUT_DIM = 128
-    # Normalisation after the hidden layer: "" (MoCo-v2) or "BN" (BYOL/SCRL/SwAV).
+    # Normalisation after the hidden layer: "" (MoCo-v2), "BN" or "SyncBN" (BYOL/SCRL sync it
+    # across GPUs; -> "naiveSyncBN" for CPU processes). BYOL/SCRL/CVSA use it for the predictor too.
     r.PROJECTOR.NORM = ""
 
     r.PREDICTOR = CN()
@@ -87,9 +88,10 @@ def _add_model_keys(cfg):
     r.SWAV.FREEZE_PROTOTYPES_ITERS = 5005
     # Indices of the crops whose codes are computed (the two large crops: [0, 1]).
     r.SWAV.CROPS_FOR_ASSIGN = [0, 1]
-    # Feature-queue length for small batches (3840 for batch 256); 0 disables the queue.
+    # Feature-queue length L for small batches, global over all processes (3840 for batch 256); 0 = none.
     r.SWAV.QUEUE_LENGTH = 0
-    # Global iteration at which the queue starts being used (epoch 15 of the batch-256 recipe).
+    # Global iteration from which batches are written to the queue; it joins the Sinkhorn problem
+    # once full, as officially (epoch_queue_starts 15 of the batch-256 recipe: 15 x 5005).
     r.SWAV.QUEUE_START_ITER = 0
     # Also apply the swapped prediction to RoI features of the aligned boxes of crops 0 and 1
     # (extra loss "loss_swav_region"; beyond the paper, see meta_arch/swav.py).

@@ -11,10 +11,13 @@ Every box of view 1 is embedded with the model's online encoder without projecto
 (``RegionSSLBase.region_embedding``), and so is every box of view 2; embeddings are
 L2-normalised. A query (view-1 region) is correct if its nearest view-2 region (cosine) among
 **all** N regions of all images is its own counterpart; the gallery thus also holds other crops
-of the same image. Reported (dict of floats):
+of the same image, some of which cover nearly the same pixels. Reported (dict of floats):
 
 * ``top1``: mean of ``top1_v1_to_v2`` and ``top1_v2_to_v1`` (the symmetric direction);
-* ``image_top1``: fraction of view-1 queries whose nearest view-2 region comes from the same image;
+* ``top1_iou50``: view-1 -> view-2 queries whose nearest region is from the same image and
+  covers the same place (IoU >= 0.5 with the query region, in original-image pixels), which
+  forgives near-duplicate regions of other view pairs;
+* ``image_top1``: view-1 queries whose nearest view-2 region comes from the same image;
 * ``num_regions``: N (gallery size), ``chance``: 1 / N.
 
 Randomness is seeded (``seed``) and the global RNG states are restored afterwards, so a probe
@@ -28,34 +31,54 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from detectron2.data import DatasetCatalog
+from detectron2.data import transforms as T
 
 from .data.augmentations import INTERPOLATIONS
-from .data.datasets import ensure_registered
-from .data.mapper import RegionSSLDatasetMapper
+from .data.datasets import ensure_registered, read_rgb_or_none
 from .data.photometric import build_photometric_augmentations
-from .data.regions import IntersectionBoxes
+from .data.regions import IntersectionBoxes, box_iou_np
 from .data.views import TwoCrops
 
-__all__ = ["build_probe_mapper", "run_probe", "retrieval_accuracy"]
+__all__ = ["ProbeViews", "run_probe", "retrieval_accuracy"]
 
 PROBE_CROP_SCALE = (0.3, 1.0)
 PROBE_BOXES_PER_PAIR = 4
 PROBE_BATCH = 16  # views embedded per forward
 
 
-def build_probe_mapper(crop_size):
-    """The probe's mapper: TwoCrops + IntersectionBoxes + MoCo-v2 photometric, fixed settings."""
-    return RegionSSLDatasetMapper(
-        view_generator=TwoCrops(
-            crop_size=crop_size, scale=PROBE_CROP_SCALE, ratio=(3.0 / 4.0, 4.0 / 3.0),
-            interp=INTERPOLATIONS["bilinear"], flip_prob=0.5,
-        ),
-        region_sampler=IntersectionBoxes(
-            max_boxes=PROBE_BOXES_PER_PAIR, min_size=max(crop_size // 4, 8), iou_threshold=0.5, max_tries=50
-        ),
-        photometric=[build_photometric_augmentations()],  # MoCo-v2 "aug+" defaults, both views
-        max_resample=10,
-    )
+class ProbeViews:
+    """The probe's fixed view pipeline: TwoCrops + IntersectionBoxes + MoCo-v2 photometric.
+
+    ``__call__(image)`` returns ``(views, boxes, original_boxes)`` or None: two (3, S, S) uint8
+    views, their (R, 4) float32 boxes in view pixels, and the (R, 4) boxes in original pixels.
+    Geometry goes through each view's transform only (``apply_box``), as in the training mapper.
+    """
+
+    def __init__(self, crop_size, max_tries=11):
+        self.crops = TwoCrops(crop_size=crop_size, scale=PROBE_CROP_SCALE, ratio=(3.0 / 4.0, 4.0 / 3.0),
+                              interp=INTERPOLATIONS["bilinear"], flip_prob=0.5)
+        self.boxes = IntersectionBoxes(max_boxes=PROBE_BOXES_PER_PAIR, min_size=max(crop_size // 4, 8),
+                                       iou_threshold=0.5, max_tries=50)
+        self.photometric = T.AugmentationList(build_photometric_augmentations())  # MoCo-v2 defaults
+        self.max_tries = max_tries
+
+    def __call__(self, image):
+        for _ in range(self.max_tries):
+            views = self.crops(image)
+            regions = self.boxes(views)
+            if len(regions.boxes):
+                break
+        else:
+            return None
+        pixels, boxes = [], []
+        for v in views:
+            h, w = v.image.shape[:2]
+            b = v.transform.apply_box(regions.boxes).clip(0, [w, h, w, h])  # inside up to float noise
+            aug = T.AugInput(v.image)
+            self.photometric(aug)
+            pixels.append(torch.as_tensor(np.ascontiguousarray(aug.image.transpose(2, 0, 1))))
+            boxes.append(torch.as_tensor(b, dtype=torch.float32))
+        return pixels, boxes, regions.boxes
 
 
 @contextmanager
@@ -73,11 +96,15 @@ def _seeded(seed):
         torch.set_rng_state(states[2])
 
 
-def retrieval_accuracy(a, b, image_ids=None):
+def retrieval_accuracy(a, b, image_ids=None, original_boxes=None):
     """Top-1 retrieval between matched rows of ``a`` and ``b`` (N, C) (any scale).
 
-    Returns dict: ``top1_v1_to_v2`` (row i of a finds row i of b), ``top1_v2_to_v1``, ``top1``
-    (their mean) and, if ``image_ids`` (N,) is given, ``image_top1``.
+    Args:
+        image_ids: (N,) image of each row, adds ``image_top1``.
+        original_boxes: (N, 4) region of each row in its original image, adds ``top1_iou50``.
+    Returns:
+        dict with ``top1_v1_to_v2`` (row i of a finds row i of b), ``top1_v2_to_v1``, ``top1``
+        (their mean) and the optional entries.
     """
     a, b = F.normalize(a.float(), dim=1), F.normalize(b.float(), dim=1)
     sim = a @ b.t()  # (N, N), positives on the diagonal
@@ -90,21 +117,27 @@ def retrieval_accuracy(a, b, image_ids=None):
     out["top1"] = 0.5 * (out["top1_v1_to_v2"] + out["top1_v2_to_v1"])
     if image_ids is not None:
         image_ids = torch.as_tensor(image_ids)
-        out["image_top1"] = (image_ids[nn12] == image_ids).float().mean().item()
+        same_image = image_ids[nn12] == image_ids
+        out["image_top1"] = same_image.float().mean().item()
+        if original_boxes is not None:
+            boxes = np.asarray(original_boxes, dtype=np.float64)
+            iou = np.array([box_iou_np(boxes[i], boxes[j])[0, 0] for i, j in enumerate(nn12.tolist())])
+            out["top1_iou50"] = (same_image & torch.as_tensor(iou >= 0.5)).float().mean().item()
     return out
 
 
-def _probe_samples(dicts, mapper, pairs_per_image):
-    """Mapped view pairs; each: (view1 (3,S,S) uint8, view2, boxes1 (R,4), boxes2 (R,4), image index)."""
+def _probe_samples(dicts, views, pairs_per_image):
+    """View pairs: (view1, view2 (3,S,S) uint8, boxes1, boxes2 (R,4), original boxes (R,4), image index)."""
     samples = []
     for i, d in enumerate(dicts):
+        image = read_rgb_or_none(d["file_name"])
+        if image is None:
+            continue
         for _ in range(pairs_per_image):
-            out = mapper(d)
-            if out is None:
-                continue
-            valid = out["valid"]
-            if valid.any():
-                samples.append((out["views"][0], out["views"][1], out["boxes"][0][valid], out["boxes"][1][valid], i))
+            out = views(image)
+            if out is not None:
+                (v1, v2), (b1, b2), orig = out
+                samples.append((v1, v2, b1, b2, orig, i))
     return samples
 
 
@@ -139,10 +172,10 @@ def run_probe(model, cfg, dataset=None, max_images=None, seed=0):
     if not dicts:
         raise ValueError(f"Probe dataset {dataset!r} has no images")
     with _seeded(seed):
-        samples = _probe_samples(dicts, build_probe_mapper(t.PROBE_CROP_SIZE), t.PROBE_PAIRS_PER_IMAGE)
+        samples = _probe_samples(dicts, ProbeViews(t.PROBE_CROP_SIZE), t.PROBE_PAIRS_PER_IMAGE)
     if not samples:
         raise RuntimeError(f"The probe drew no valid region pair from {dataset!r}")
-    v1, v2, b1, b2, img = zip(*samples)
+    v1, v2, b1, b2, orig, img = zip(*samples)
     image_ids = torch.cat([torch.full((len(b),), i) for b, i in zip(b1, img)])
     was_training = model.training
     model.eval()
@@ -150,6 +183,6 @@ def run_probe(model, cfg, dataset=None, max_images=None, seed=0):
         e1, e2 = _embed(model, list(v1), list(b1)), _embed(model, list(v2), list(b2))
     finally:
         model.train(was_training)
-    out = retrieval_accuracy(e1, e2, image_ids)
+    out = retrieval_accuracy(e1, e2, image_ids, np.concatenate(orig))
     out.update(num_regions=float(len(e1)), chance=1.0 / len(e1))
     return out

@@ -283,7 +283,7 @@ class _RecordIters(HookBase):
 
 def test_resume_restores_queues_pointer_and_momentum_exactly(tmp_path):
     cfg = _cfg("insloc_c4_instant_test.yaml", "SOLVER.MAX_ITER", 4, "SOLVER.CHECKPOINT_PERIOD", 2,
-               "OUTPUT_DIR", str(tmp_path))
+               "SOLVER.IMS_PER_BATCH", 2, "OUTPUT_DIR", str(tmp_path))
     first = PretrainTrainer(cfg)
     first.register_hooks([_Interrupt()])
     first.resume_or_load(resume=False)
@@ -306,8 +306,44 @@ def test_resume_restores_queues_pointer_and_momentum_exactly(tmp_path):
     assert any(k.startswith("momentum.roi_heads.res5") for k in state_keys)
     for k, v in saved["model"].items():
         assert torch.equal(resumed[k], v), k
-    assert second.model.queues.ptr.tolist() == [8] and second.model.queues.fill.tolist() == [8]
+    assert second.model.queues.ptr.tolist() == [4] and second.model.queues.fill.tolist() == [4]
     second.train()
-    assert record.iters == [(2, 2), (3, 3)]
-    assert second.model.queues.ptr.tolist() == [16] and second.model.queues.fill.tolist() == [16]
+    assert record.iters == [(2, 2), (3, 3)]  # (trainer iteration, model.iteration) of each resumed step
+    assert second.model.queues.ptr.tolist() == [8] and second.model.queues.fill.tolist() == [8]
     assert os.path.isfile(os.path.join(str(tmp_path), "model_final.pth"))
+
+
+# ----------------------------------------------------------------------------- probe
+def test_retrieval_accuracy_known_tensors():
+    from regionssl.probe import retrieval_accuracy
+
+    a = torch.tensor([[1.0, 0.0], [1.0, 0.05], [0.0, 1.0]])
+    b = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.2, 1.0]])
+    boxes = [[0, 0, 10, 10], [0, 0, 10, 9], [20, 20, 30, 30]]  # rows 0 and 1: same place (IoU 0.9)
+    out = retrieval_accuracy(a, b, image_ids=[0, 0, 1], original_boxes=boxes)
+    # a -> b: 0 -> 0 (exact), 1 -> 0 (same image, IoU 0.9), 2 -> 1 (other image); b -> a: 0, 2, 2
+    assert out["top1_v1_to_v2"] == pytest.approx(1 / 3) and out["top1_v2_to_v1"] == pytest.approx(2 / 3)
+    assert out["top1"] == pytest.approx(0.5)
+    assert out["image_top1"] == pytest.approx(2 / 3) and out["top1_iou50"] == pytest.approx(2 / 3)
+
+
+def test_run_probe_is_seeded_and_restores_state():
+    import numpy as np
+    from regionssl.probe import run_probe
+
+    cfg = _cfg("mocov2_instant_test.yaml", *R18, "TEST.REGIONSSL.PROBE_CROP_SIZE", 64,
+               "TEST.REGIONSSL.PROBE_PAIRS_PER_IMAGE", 2)
+    torch.manual_seed(0)
+    model = build_model(cfg).train()
+    torch.manual_seed(123)
+    np.random.seed(123)
+    expected = torch.rand(1), np.random.rand()
+    torch.manual_seed(123)
+    np.random.seed(123)
+    first = run_probe(model, cfg, max_images=2)
+    assert (torch.rand(1), np.random.rand()) == expected  # the training stream is not perturbed
+    assert model.training
+    assert first == run_probe(model, cfg, max_images=2)  # same seed -> same regions, same numbers
+    assert 2 * 2 <= first["num_regions"] <= 2 * 2 * 4 and first["chance"] == 1.0 / first["num_regions"]
+    assert set(first) >= {"top1", "top1_v1_to_v2", "top1_v2_to_v1", "top1_iou50", "image_top1"}
+    assert all(0.0 <= first[k] <= 1.0 for k in ("top1", "top1_iou50", "image_top1"))

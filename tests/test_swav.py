@@ -4,7 +4,6 @@ import os
 import random
 
 import numpy as np
-import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -23,7 +22,8 @@ CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "quick_schedul
 
 
 def _cfg(*opts):
-    base = ["MODEL.DEVICE", "cpu", "MODEL.RESNETS.NORM", "BN", "MODEL.REGIONSSL.SWAV.NUM_PROTOTYPES", "20",
+    base = ["MODEL.DEVICE", "cpu", "MODEL.RESNETS.NORM", "BN", "MODEL.REGIONSSL.PROJECTOR.NORM", "BN",
+            "MODEL.REGIONSSL.SWAV.NUM_PROTOTYPES", "20",
             "INPUT.REGIONSSL.MULTI_CROP.SIZES", "[32, 16]"]
     return get_regionssl_cfg(CONFIG, base + list(opts))
 
@@ -220,7 +220,8 @@ def _two_process_worker(zs, prototypes, out_dir):
     result["queue"], result["fill"] = model.queue.clone(), int(model.queue_fill)
     # DDP of the real model (naiveSyncBN across the 2 CPU processes, the projector's too): while
     # frozen the prototypes get no gradient at all (grad None -> the optimizer skips them).
-    cfg = _cfg("MODEL.RESNETS.NORM", "naiveSyncBN", "MODEL.REGIONSSL.SWAV.FREEZE_PROTOTYPES_ITERS", "1",
+    cfg = _cfg("MODEL.RESNETS.NORM", "naiveSyncBN", "MODEL.REGIONSSL.PROJECTOR.NORM", "naiveSyncBN",
+               "MODEL.REGIONSSL.SWAV.FREEZE_PROTOTYPES_ITERS", "1",
                "INPUT.REGIONSSL.MULTI_CROP.SIZES", "[32, 16]")
     ddp = DistributedDataParallel(_model(cfg), find_unused_parameters=True)
     g = torch.Generator().manual_seed(rank)
@@ -233,6 +234,7 @@ def _two_process_worker(zs, prototypes, out_dir):
         ddp.zero_grad(set_to_none=True)
         loss.backward()
         grads.append(ddp.module.prototypes.weight.grad)
+    result["projector_norm"] = type(ddp.module.projector[1]).__name__
     result["frozen_grad_is_none"] = grads[0] is None
     result["unfrozen_grad"] = grads[1]
     torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
@@ -255,5 +257,6 @@ def test_two_processes_share_the_queue_and_equal_one_process(tmp_path):
         torch.testing.assert_close(two, torch.stack(codes), atol=1e-6, rtol=1e-5)
         torch.testing.assert_close((res[0]["loss"][t] + res[1]["loss"][t]) / 2, loss.detach(), atol=1e-5, rtol=1e-5)
     assert torch.equal(single.queue, res[0]["queue"])
+    assert res[0]["projector_norm"] == "NaiveSyncBatchNorm1d"
     assert res[0]["frozen_grad_is_none"] and res[1]["frozen_grad_is_none"]
     assert res[0]["unfrozen_grad"] is not None and torch.equal(res[0]["unfrozen_grad"], res[1]["unfrozen_grad"])

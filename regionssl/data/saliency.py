@@ -183,9 +183,9 @@ class SaliencySwap:
     Every step is a Detectron2 transform, so ``view.transform`` maps coordinates of x to the
     view (meaningful inside W_x, whose content is what the view shows there). ``view.mask`` is
     s(x) moved by ``transform.apply_segmentation`` (nearest neighbour, 8-bit): s(x) inside the
-    pasted window, 0 on the background (which is another image's content). ``view.source_box`` = W_x in x's pixels, so
-    ``PastedBox``/``IntersectionBoxes`` give the pasted window. The mapper passes ``file_name``
-    (``takes_file_name``) for ``mask_files`` saliency.
+    pasted window, 0 on the background (which is another image's content). ``view.source_box``
+    = W_x in x's pixels, so ``PastedBox``/``IntersectionBoxes`` give the pasted window. The mapper
+    passes ``file_name`` (``takes_file_name``) for ``mask_files`` saliency.
     """
 
     takes_file_name = True

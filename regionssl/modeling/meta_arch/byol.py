@@ -14,7 +14,6 @@ SCRL (``trainer/base.py`` ``_criterion``: ``loss = l12; loss += l21; loss.mean()
 import logging
 
 import torch
-import torch.nn.functional as F
 from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY
 
@@ -136,7 +135,7 @@ class BYOLBase(RegionSSLBase):
         rows = images.shape[0] if self.pooler.kind == "global" else sum(len(b) for b in boxes)
         if rows == 0:
             # Only hand-made inputs get here: the mapper re-draws or skips pairs without a box.
-            # BatchNorm1d cannot run on 0 rows; the step contributes nothing (zero loss, zero grad).
+            # BatchNorm1d cannot run on 0 rows; the step adds a zero loss (zero gradient).
             logger.warning(f"{type(self).__name__}: batch without any region pair, loss set to 0")
             zero = sum(f.sum() for f in self.backbone(images).values()) * 0.0
             return {f"loss_{self.loss_name}": zero}

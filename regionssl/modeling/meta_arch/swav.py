@@ -42,7 +42,6 @@ over all regions of the global batch, no queue), each predicted from the other c
 import torch
 import torch.nn.functional as F
 from detectron2.config import configurable
-from detectron2.layers import NaiveSyncBatchNorm
 from detectron2.modeling import META_ARCH_REGISTRY
 from detectron2.utils import comm
 from torch import nn
@@ -56,29 +55,13 @@ from .base import RegionSSLBase
 __all__ = ["SwAV"]
 
 
-class _NaiveSyncBatchNorm1d(NaiveSyncBatchNorm):
-    """Detectron2's NaiveSyncBatchNorm (4-D inputs only) applied to (N, C) projector activations."""
-
-    def forward(self, x):
-        return super().forward(x[:, :, None, None]).flatten(1)
-
-
-def _projector_norm(norm, dim):
-    """The projector's BN follows RESNETS.NORM when that is a synchronised BN: the official script
-    converts *every* BN of the model (``--sync_bn pytorch``). Otherwise per-process BN."""
-    if norm == "SyncBN":
-        return nn.SyncBatchNorm(dim)
-    if norm == "naiveSyncBN":
-        return _NaiveSyncBatchNorm1d(dim)
-    return nn.BatchNorm1d(dim)
-
-
 @META_ARCH_REGISTRY.register()
 class SwAV(RegionSSLBase):
     """SwAV on the shared ResNet-50 (``backbone.*``).
 
     Extra args:
-        projector: g, MLP 2048 -> 2048 (BN, ReLU) -> D = 128.
+        projector: g, MLP 2048 -> 2048 (BN, ReLU) -> D = 128 (SyncBN: the official ``--sync_bn
+            pytorch`` converts every BN of the model, the projector's included).
         num_prototypes: K_c (3000).
         temperature: tau (0.1); epsilon: Sinkhorn eps (0.05); sinkhorn_iters: 3.
         crops_for_assign: S, crops that get codes ([0, 1]).
@@ -113,8 +96,6 @@ class SwAV(RegionSSLBase):
         args = super().from_config(cfg)
         r, s = cfg.MODEL.REGIONSSL, cfg.MODEL.REGIONSSL.SWAV
         projector = MLP(args["feature_dim"], r.PROJECTOR.HIDDEN_DIM, r.PROJECTOR.OUT_DIM, r.PROJECTOR.NORM)
-        if r.PROJECTOR.NORM == "BN":
-            projector[1] = _projector_norm(cfg.MODEL.RESNETS.NORM, r.PROJECTOR.HIDDEN_DIM)
         region_pooler = None
         if s.REGION:
             stride = args["backbone"].output_shape()["res5"].stride
