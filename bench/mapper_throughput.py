@@ -6,12 +6,18 @@ official repositories use (MoCo, ReSim, InsLoc's pixel augmentations): PIL open 
 RandomResizedCrop(224, scale (0.2, 1)), ColorJitter(0.4, 0.4, 0.4, 0.1) p=0.8, RandomGrayscale 0.2,
 PIL GaussianBlur sigma ~ U[0.1, 2] p=0.5, flip, ToTensor, twice (no boxes). That pipeline stops at
 ToTensor (MoCo also normalises on the CPU; we leave that out, which favours the baseline).
+Two more references, built like the official pipelines of the multi-view generators, put the
+MultiCrop and CopyPaste rows in context: a torchvision multi-crop (2 x 224 + 6 x 96, SwAV-style)
+and InsLoc-style composites (three OpenCV decodes per sample, as ``copy_and_paste.py``).
 
 Inputs are JPEG photos of realistic size: the demo photos of the installed packages
 (``regionssl.data.tiny.demo_image_files``) centre-cropped to 4:3, resized to each ``--sizes`` entry and
 saved as JPEG quality 90 in a temporary folder. Pipelines are measured in interleaved rounds
-(A, B, C, ... A, B, C, ...) on a noisy machine; medians over rounds are reported, and the ratio to
-torchvision is the median of the per-round ratios (paired, so slow phases of the machine cancel).
+(A, B, C, ... A, B, C, ...); medians over rounds are reported, and the ratio to torchvision is the
+median of the per-round ratios. The process is pinned to one CPU and every library runs one
+thread, so the primary number is pairs per second of *CPU time* of this process (what one data
+loader worker delivers on a core of its own); pairs per second of wall time, which a busy machine
+distorts, is printed next to it.
 
     python bench/mapper_throughput.py                       # default sizes, rounds
     python bench/mapper_throughput.py --sizes 640x480 --rounds 9 --pairs 60
@@ -52,6 +58,11 @@ PIPELINES = {
     "ablation: InsLoc with cv2_bilinear (as mmcv)": ("configs/insloc_fpn.yaml", ["INPUT.REGIONSSL.INTERPOLATION", "cv2_bilinear"]),
 }
 BASELINE = "torchvision two-crop (MoCo-v2 aug+, no boxes)"
+# Reference pipelines built like the official ones for the multi-view generators (no boxes either).
+REFERENCES = {
+    "reference: torchvision multi-crop 2x224+6x96 (SwAV-style)": "multicrop",
+    "reference: InsLoc-style copy-paste (cv2 decode x3 + resize, torchvision pixel aug)": "copypaste",
+}
 
 
 def make_photos(folder, size, limit=None):
@@ -72,16 +83,15 @@ def make_photos(folder, size, limit=None):
     return out
 
 
-def torchvision_two_crop():
-    """MoCo-v2's TwoCropsTransform(aug+) with torchvision's PIL loader."""
+def _pixel_aug(crop=None):
+    """MoCo-v2 aug+ after an optional crop transform: jitter, grayscale, PIL blur, flip, ToTensor."""
     import torchvision.transforms as tvt
 
     class MoCoGaussianBlur:  # moco/loader.py: PIL blur with radius sigma ~ U[0.1, 2]
         def __call__(self, x):
             return x.filter(ImageFilter.GaussianBlur(radius=random.uniform(0.1, 2.0)))
 
-    aug = tvt.Compose([
-        tvt.RandomResizedCrop(224, scale=(0.2, 1.0)),
+    return tvt.Compose(([crop] if crop is not None else []) + [
         tvt.RandomApply([tvt.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
         tvt.RandomGrayscale(p=0.2),
         tvt.RandomApply([MoCoGaussianBlur()], p=0.5),
@@ -89,10 +99,66 @@ def torchvision_two_crop():
         tvt.ToTensor(),
     ])
 
+
+def _pil_loader(path):
+    with open(path, "rb") as f:
+        return Image.open(f).convert("RGB")
+
+
+def torchvision_two_crop():
+    """MoCo-v2's TwoCropsTransform(aug+) with torchvision's PIL loader."""
+    import torchvision.transforms as tvt
+
+    aug = _pixel_aug(tvt.RandomResizedCrop(224, scale=(0.2, 1.0)))
+
     def run(path, index):
-        with open(path, "rb") as f:
-            img = Image.open(f).convert("RGB")
+        img = _pil_loader(path)
         return [aug(img), aug(img)]
+
+    return run
+
+
+def torchvision_multi_crop():
+    """SwAV-style multi-crop (2 x 224 at scale (0.14, 1), 6 x 96 at (0.05, 0.14)), MoCo-v2 pixel aug."""
+    import torchvision.transforms as tvt
+
+    augs = [_pixel_aug(tvt.RandomResizedCrop(224, scale=(0.14, 1.0)))] * 2
+    augs += [_pixel_aug(tvt.RandomResizedCrop(96, scale=(0.05, 0.14)))] * 6
+
+    def run(path, index):
+        img = _pil_loader(path)
+        return [aug(img) for aug in augs]
+
+    return run
+
+
+def insloc_style_copy_paste(files, canvas=256, fg=(128, 255)):
+    """InsLoc's data path as its paper/code describe it (METHODS.md 4.1): OpenCV decode of the
+    foreground and two random backgrounds, backgrounds resized to canvas x canvas, two crops
+    (scale (0.2, 1), ratio (0.5, 2)) rescaled into a random (w, h) in [128, 255) keeping aspect,
+    pasted, then PIL pixel augmentation + flip + ToTensor per composite."""
+    from regionssl.data.augmentations import sample_resized_crop
+
+    aug = _pixel_aug()
+
+    def read(path):
+        return cv2.cvtColor(cv2.imdecode(np.fromfile(path, np.uint8), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+
+    def run(path, index):
+        img = read(path)
+        h, w = img.shape[:2]
+        out = []
+        for _ in range(2):
+            bg = cv2.resize(read(random.choice(files)), (canvas, canvas), interpolation=cv2.INTER_LINEAR)
+            x0, y0, cw, ch = sample_resized_crop(h, w, (0.2, 1.0), (0.5, 2.0))
+            tw, th = np.random.randint(fg[0], fg[1], size=2)
+            f = min(max(tw, th) / max(cw, ch), min(tw, th) / min(cw, ch))
+            nw, nh = min(canvas, max(1, round(cw * f))), min(canvas, max(1, round(ch * f)))
+            piece = cv2.resize(img[y0 : y0 + ch, x0 : x0 + cw], (nw, nh), interpolation=cv2.INTER_LINEAR)
+            px, py = np.random.randint(0, canvas - nw + 1), np.random.randint(0, canvas - nh + 1)
+            bg[py : py + nh, px : px + nw] = piece
+            out.append(aug(Image.fromarray(bg)))
+        return out
 
     return run
 
@@ -113,12 +179,12 @@ def regionssl_mapper(config, opts, files):
 
 
 def measure(fn, files, pairs, offset):
-    """Pairs per second over ``pairs`` samples, cycling through ``files`` from ``offset``."""
-    t0 = time.perf_counter()
+    """(pairs per CPU second, pairs per wall second) over ``pairs`` samples from ``offset``."""
+    c0, t0 = time.process_time(), time.perf_counter()
     for k in range(pairs):
         i = (offset + k) % len(files)
         fn(files[i], i)
-    return pairs / (time.perf_counter() - t0)
+    return pairs / (time.process_time() - c0), pairs / (time.perf_counter() - t0)
 
 
 def main():
@@ -141,9 +207,9 @@ def main():
           f"Python {platform.python_version()}, torch {torch.__version__}, Pillow {PIL.__version__}, "
           f"OpenCV {cv2.__version__}, numpy {np.__version__}")
     print(f"# command: {' '.join(sys.argv)}")
-    names = [BASELINE] + list(PIPELINES)
+    names = [BASELINE] + list(REFERENCES) + list(PIPELINES)
     if args.only:
-        names = [BASELINE] + [n for n in PIPELINES if any(s in n for s in args.only)]
+        names = [BASELINE] + [n for n in list(REFERENCES) + list(PIPELINES) if any(s in n for s in args.only)]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for size in args.sizes:
@@ -151,26 +217,46 @@ def main():
             files = make_photos(tmp, (w, h))
             fns = {BASELINE: torchvision_two_crop()}
             for n in names[1:]:
-                fns[n] = regionssl_mapper(*PIPELINES[n], files)
+                if n in REFERENCES:
+                    fns[n] = torchvision_multi_crop() if REFERENCES[n] == "multicrop" else insloc_style_copy_paste(files)
+                else:
+                    fns[n] = regionssl_mapper(*PIPELINES[n], files)
             for n in names:  # warm-up: caches, lazy imports, file system
                 measure(fns[n], files, len(files), 0)
-            rates = {n: [] for n in names}
+            cpu, wall = {n: [] for n in names}, {n: [] for n in names}
             for r in range(args.rounds):
                 random.seed(r)
                 np.random.seed(r)
                 torch.manual_seed(r)
                 for n in names:
-                    rates[n].append(measure(fns[n], files, args.pairs, r * args.pairs))
-            base = np.array(rates[BASELINE])
+                    c, t = measure(fns[n], files, args.pairs, r * args.pairs)
+                    cpu[n].append(c)
+                    wall[n].append(t)
             for n in names:
-                ratio = np.median(np.array(rates[n]) / base)
-                rows.append((f"{w}x{h}", n, np.median(rates[n]), np.min(rates[n]), np.max(rates[n]), ratio))
-                print(f"{w}x{h}  {n:48s} {rows[-1][2]:7.1f} pairs/s (min {rows[-1][3]:.1f}, max {rows[-1][4]:.1f})  x{ratio:.2f}", flush=True)
+                c, t = np.array(cpu[n]), np.array(wall[n])
+                ref = next((r for r in REFERENCES if REFERENCES[r] == _reference_kind(n)), None)
+                vs_ref = np.median(c / np.array(cpu[ref])) if ref in cpu and ref != n else None
+                row = (f"{w}x{h}", n, np.median(c), c.min(), c.max(), np.median(c / np.array(cpu[BASELINE])),
+                       vs_ref, np.median(t), np.median(t / np.array(wall[BASELINE])))
+                rows.append(row)
+                print(f"{w}x{h}  {n:48s} {row[2]:7.1f} pairs/CPU-s ({row[3]:.1f}-{row[4]:.1f}) x{row[5]:.2f}   "
+                      f"wall {row[7]:.1f} pairs/s x{row[8]:.2f}", flush=True)
     print()
-    print("| photos | pipeline | pairs/s (median) | min-max | vs torchvision |")
-    print("|---|---|---:|---:|---:|")
-    for size, n, med, lo, hi, ratio in rows:
-        print(f"| {size} | {n} | {med:.1f} | {lo:.1f}-{hi:.1f} | {ratio:.2f}x |")
+    print("| photos | pipeline | pairs / CPU-second (median) | min-max over rounds | vs torchvision two-crop | "
+          "vs same-style reference | pairs / wall-second (median) | vs torchvision (wall) |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    for size, n, med, lo, hi, ratio, vs_ref, wmed, wratio in rows:
+        ref = "" if vs_ref is None else f"{vs_ref:.2f}x"
+        print(f"| {size} | {n} | {med:.1f} | {lo:.1f}-{hi:.1f} | {ratio:.2f}x | {ref} | {wmed:.1f} | {wratio:.2f}x |")
+
+
+def _reference_kind(name):
+    """Which reference pipeline a row is built like (None: the two-crop baseline)."""
+    if "MultiCrop" in name:
+        return "multicrop"
+    if "InsLoc" in name:
+        return "copypaste"
+    return None
 
 
 if __name__ == "__main__":

@@ -7,14 +7,15 @@ batch at the same canvas (``--size``; InsLoc: CopyPaste with foreground size [S/
 official 128-255 of 256; MoCo-v2: TwoCrops), made once and reused, so data time is excluded.
 Queues have the real K = 65536. Models are timed in interleaved rounds (order rotated each
 round) on a noisy machine; medians over rounds are reported, and each ratio to MoCo-v2 is the
-median of the per-round ratios (paired, so slow phases of the machine cancel).
+median of the per-round ratios (paired, so slow phases of the machine cancel). Process CPU time
+is reported next to wall time: with ``--threads 1`` it is the least sensitive to other jobs.
 
 Also printed: per-section medians (query backbone, query RoI pooling + head, projector,
 momentum EMA, key encoder, loss + enqueue, backward, optimizer), forward FLOPs per component
 (fvcore, 1 multiply-add = 1 flop) and the queue memory at K = 65536.
 
     python bench/step_cost.py                       # batch 4, 224 px, 7 rounds
-    python bench/step_cost.py --batch 4 --size 224 --rounds 9 --threads 2
+    python bench/step_cost.py --batch 4 --size 224 --rounds 11 --threads 1   # shared machine
 """
 import argparse
 import os
@@ -83,7 +84,9 @@ class Timer:
 
 
 def step(model, optimizer, data, timer):
+    """One training step; returns (wall s, process CPU s, {section: wall s})."""
     timer.t.clear()
+    cpu = time.process_time()
     start = time.perf_counter()
     losses = model(data)
     total = sum(losses.values())
@@ -94,7 +97,7 @@ def step(model, optimizer, data, timer):
     optimizer.step()
     end = time.perf_counter()
     timer.t["backward"], timer.t["optimizer"] = t1 - t0, end - t1
-    return end - start, dict(timer.t)
+    return end - start, time.process_time() - cpu, dict(timer.t)
 
 
 def flops(model, batch, size):
@@ -141,27 +144,29 @@ def main():
     for n in names:
         for _ in range(args.warmup):
             step(*runs[n][1:], timers[n])
-    times, sections = defaultdict(list), defaultdict(lambda: defaultdict(list))
+    times, cpus, sections = defaultdict(list), defaultdict(list), defaultdict(lambda: defaultdict(list))
     for r in range(args.rounds):
         order = names[r % len(names):] + names[: r % len(names)]
         for n in order:
-            t, sec = step(*runs[n][1:], timers[n])
+            t, c, sec = step(*runs[n][1:], timers[n])
             times[n].append(t)
+            cpus[n].append(c)
             for s, v in sec.items():
                 sections[n][s].append(v)
-        print(f"round {r}: " + ", ".join(f"{n} {times[n][-1]:.2f}s" for n in names), flush=True)
+        print(f"round {r}: " + ", ".join(f"{n} {times[n][-1]:.2f}s (CPU {cpus[n][-1]:.2f}s)" for n in names), flush=True)
 
     base = "MoCo-v2"
     print(f"\n{platform.processor() or platform.machine()}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
           f"batch {args.batch}, {args.size}x{args.size} views, R50, K=65536, {args.rounds} rounds (median)")
-    print("| model | step s (median) | ratio to MoCo-v2 (median of per-round ratios) | queue buffers at K=65536 |")
-    print("|---|---|---|---|")
+    print("| model | wall s/step | wall ratio to MoCo-v2 | CPU s/step | CPU ratio to MoCo-v2 | queue buffers at K=65536 |")
+    print("|---|---|---|---|---|---|")
     for n in names:
         ratio = statistics.median(a / b for a, b in zip(times[n], times[base]))
+        cratio = statistics.median(a / b for a, b in zip(cpus[n], cpus[base]))
         q = runs[n][1].queues
         qbytes = sum(b.numel() * b.element_size() for b in q.buffers())
-        print(f"| {n} | {statistics.median(times[n]):.3f} | {ratio:.3f} | {qbytes:,} B ({qbytes / 2**20:.1f} MiB, "
-              f"{tuple(q.queue.shape)}) |")
+        print(f"| {n} | {statistics.median(times[n]):.3f} | {ratio:.3f} | {statistics.median(cpus[n]):.3f} | {cratio:.3f} | "
+              f"{qbytes:,} B ({qbytes / 2**20:.1f} MiB, {tuple(q.queue.shape)}) |")
     print("\nPer-section medians (s); q_* = query forward parts, key_encoder includes shuffle + RoI head + projector")
     print("| model | " + " | ".join(SECTIONS) + " |")
     print("|---|" + "---|" * len(SECTIONS))

@@ -223,5 +223,5 @@ def _add_test_keys(cfg):
     t.PROBE_MAX_IMAGES = 64
     # Side in pixels of the probe's two views (fixed across methods; 224 = MoCo's crop).
     t.PROBE_CROP_SIZE = 224
-    # View pairs drawn per probe image (each adds up to 4 query regions to the gallery).
-    t.PROBE_PAIRS_PER_IMAGE = 8
+    # Probe rounds: each draws one view pair (one region) per image tile and retrieves among all tiles.
+    t.PROBE_ROUNDS = 8

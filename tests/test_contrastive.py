@@ -315,24 +315,27 @@ def test_resume_restores_queues_pointer_and_momentum_exactly(tmp_path):
 
 # ----------------------------------------------------------------------------- probe
 def test_retrieval_accuracy_known_tensors():
-    from regionssl.probe import retrieval_accuracy
+    from regionssl.probe import image_tiles, retrieval_accuracy
 
     a = torch.tensor([[1.0, 0.0], [1.0, 0.05], [0.0, 1.0]])
     b = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.2, 1.0]])
-    boxes = [[0, 0, 10, 10], [0, 0, 10, 9], [20, 20, 30, 30]]  # rows 0 and 1: same place (IoU 0.9)
-    out = retrieval_accuracy(a, b, image_ids=[0, 0, 1], original_boxes=boxes)
-    # a -> b: 0 -> 0 (exact), 1 -> 0 (same image, IoU 0.9), 2 -> 1 (other image); b -> a: 0, 2, 2
+    out = retrieval_accuracy(a, b, image_ids=[0, 0, 1])
+    # a -> b: 0 -> 0 (right), 1 -> 0 (same image), 2 -> 1 (other image); b -> a: 0 -> 0, 1 -> 2, 2 -> 2
     assert out["top1_v1_to_v2"] == pytest.approx(1 / 3) and out["top1_v2_to_v1"] == pytest.approx(2 / 3)
-    assert out["top1"] == pytest.approx(0.5)
-    assert out["image_top1"] == pytest.approx(2 / 3) and out["top1_iou50"] == pytest.approx(2 / 3)
+    assert out["top1"] == pytest.approx(0.5) and out["image_top1"] == pytest.approx(2 / 3)
+    image = torch.arange(7 * 9 * 3).view(7, 9, 3).numpy()
+    tiles = image_tiles(image, 2)  # disjoint and covering
+    assert [t.shape[:2] for t in tiles] == [(3, 4), (3, 5), (4, 4), (4, 5)]
+    assert sorted(v for t in tiles for v in t.reshape(-1).tolist()) == list(range(7 * 9 * 3))
 
 
-def test_run_probe_is_seeded_and_restores_state():
+def test_run_probe_is_seeded_and_restores_state(monkeypatch):
     import numpy as np
+    from regionssl import probe
     from regionssl.probe import run_probe
 
-    cfg = _cfg("mocov2_instant_test.yaml", *R18, "TEST.REGIONSSL.PROBE_CROP_SIZE", 64,
-               "TEST.REGIONSSL.PROBE_PAIRS_PER_IMAGE", 2)
+    monkeypatch.setattr(probe, "PROBE_MIN_GALLERY", 16)  # 4 x 4 tiles of one image keep it fast
+    cfg = _cfg("mocov2_instant_test.yaml", *R18, "TEST.REGIONSSL.PROBE_CROP_SIZE", 64, "TEST.REGIONSSL.PROBE_ROUNDS", 1)
     torch.manual_seed(0)
     model = build_model(cfg).train()
     torch.manual_seed(123)
@@ -340,10 +343,10 @@ def test_run_probe_is_seeded_and_restores_state():
     expected = torch.rand(1), np.random.rand()
     torch.manual_seed(123)
     np.random.seed(123)
-    first = run_probe(model, cfg, max_images=2)
+    first = run_probe(model, cfg, max_images=1)
     assert (torch.rand(1), np.random.rand()) == expected  # the training stream is not perturbed
     assert model.training
-    assert first == run_probe(model, cfg, max_images=2)  # same seed -> same regions, same numbers
-    assert 2 * 2 <= first["num_regions"] <= 2 * 2 * 4 and first["chance"] == 1.0 / first["num_regions"]
-    assert set(first) >= {"top1", "top1_v1_to_v2", "top1_v2_to_v1", "top1_iou50", "image_top1"}
-    assert all(0.0 <= first[k] <= 1.0 for k in ("top1", "top1_iou50", "image_top1"))
+    assert first == run_probe(model, cfg, max_images=1)  # same seed -> same regions, same numbers
+    assert first["num_regions"] == 16 and first["chance"] == 1 / 16  # 1 image -> 4 x 4 tiles
+    assert set(first) >= {"top1", "top1_v1_to_v2", "top1_v2_to_v1", "image_top1", "num_queries"}
+    assert 0.0 <= first["top1"] <= 1.0 and first["image_top1"] == 1.0

@@ -22,7 +22,7 @@ from regionssl.checkpoint import RegionSSLCheckpointer  # noqa: E402
 from regionssl.engine import adapt_to_machine, get_regionssl_cfg  # noqa: E402
 from regionssl.probe import run_probe  # noqa: E402
 
-ROWS = ("top1", "top1_v1_to_v2", "top1_v2_to_v1", "top1_iou50", "image_top1", "num_regions", "chance")
+ROWS = ("top1", "top1_v1_to_v2", "top1_v2_to_v1", "image_top1", "num_regions", "num_queries", "chance")
 
 
 def build(cfg, seed, weights=None):
@@ -67,7 +67,7 @@ def main(argv=None):
         cells = []
         for n, _ in columns:
             v = results[n][row]
-            cells.append(f"{int(v)}" if row == "num_regions" else f"{v:.3f}")
+            cells.append(f"{int(v)}" if row.startswith("num_") else f"{v:.3f}")
         print(f"| {row} | " + " | ".join(cells) + " |")
     return results
 
