@@ -34,6 +34,10 @@ def main(argv=None):
     print("\n================ regionssl demo ================")
     print(f"pretraining : {len(losses)} losses at iter {pre.get('iteration')}: "
           + ", ".join(f"{k}={v:.3f}" for k, v in sorted(losses.items())))
+    accs = {k.split("/")[-1]: v for k, v in pre.items() if k.startswith("regionssl/acc_")}
+    if accs:
+        # contrastive top-1 accuracy among 1 positive + K queue negatives (chance = 1 / (K + 1))
+        print("              contrastive top-1 accuracy: " + ", ".join(f"{k}={v:.2f}" for k, v in sorted(accs.items())))
     for kind in ("bbox", "segm"):
         ap = fin.get(f"{kind}/AP")
         if ap is None or (isinstance(ap, float) and math.isnan(ap)):
