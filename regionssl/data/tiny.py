@@ -1,4 +1,4 @@
-"""Tiny synthetic detection sets and the real-photo demo set, for tests, CI and demos.
+"""Tiny synthetic detection sets (and, from ``demo_images.py``, the real-photo demo set).
 
 Nothing here downloads anything. Three kinds of data are provided:
 
@@ -15,7 +15,6 @@ The synthetic sets are built on first use (not at import or registration time) i
 processes ask for it at once (file lock + build in a temporary folder + atomic rename).
 """
 import contextlib
-import importlib.util
 import json
 import os
 import shutil
@@ -26,6 +25,8 @@ import numpy as np
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import register_coco_instances, register_pascal_voc
+
+from .demo_images import demo_image_files, register_demo_images
 
 __all__ = [
     "CATEGORIES", "default_root", "tiny_paths", "build_tiny_coco", "build_tiny_voc", "ensure_tiny_datasets",
@@ -364,58 +365,6 @@ def register_tiny_datasets(root=None, force=False):
             MetadataCatalog.get(name).evaluator_type = "pascal_voc"  # as detectron2's builtin.py
             _replace_loader(name, root)
     return root
-
-
-# ----------------------------------------------------------------------------- demo photos
-_SKIMAGE_PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "hubble_deep_field.jpg", "ihc.png",
-                   "motorcycle_left.png", "motorcycle_right.png", "retina.jpg", "rocket.jpg")
-_PHOTOS = (("skimage", "data", _SKIMAGE_PHOTOS),
-           ("sklearn", os.path.join("datasets", "images"), ("china.jpg", "flower.jpg")),
-           ("matplotlib", os.path.join("mpl-data", "sample_data"), ("grace_hopper.jpg",)))
-# Held out from "_train" (distinct scenes; the motorcycle stereo pair stays together in train).
-_HELDOUT = ("chelsea.png", "coffee.png", "rocket.jpg", "grace_hopper.jpg")
-
-
-def demo_image_files():
-    """Sorted paths of the colour photos shipped inside the installed packages (read in place)."""
-    paths = []
-    for package, subdir, names in _PHOTOS:
-        spec = importlib.util.find_spec(package)  # locates the package without importing it
-        for base in (spec.submodule_search_locations or []) if spec else []:
-            paths += [os.path.join(base, subdir, n) for n in names]
-    paths = sorted(p for p in set(paths) if os.path.isfile(p))
-    if not paths:
-        raise FileNotFoundError("No demo photos found: install scikit-image and/or matplotlib "
-                                "(they ship astronaut.png, chelsea.png, grace_hopper.jpg, ...).")
-    return paths
-
-
-def _demo_dicts(subset):
-    from PIL import Image  # header-only read of the size; loaded lazily
-
-    paths = demo_image_files()
-    heldout = [p for p in paths if os.path.basename(p) in _HELDOUT]
-    if not heldout or len(heldout) == len(paths):  # unusual installs: every third image
-        heldout = paths[1::3]
-    if subset == "train":
-        paths = [p for p in paths if p not in heldout]
-    elif subset == "heldout":
-        paths = heldout
-    dicts = []
-    for p in paths:
-        with Image.open(p) as im:
-            width, height = im.size
-        dicts.append({"file_name": p, "image_id": os.path.splitext(os.path.basename(p))[0],
-                      "height": height, "width": width})
-    return dicts
-
-
-def register_demo_images():
-    """Register ``regionssl_demo_images`` (all), ``..._train`` and ``..._heldout`` (image-only)."""
-    for name, subset in (("regionssl_demo_images", "all"), ("regionssl_demo_images_train", "train"),
-                         ("regionssl_demo_images_heldout", "heldout")):
-        if name not in DatasetCatalog:
-            DatasetCatalog.register(name, lambda subset=subset: _demo_dicts(subset))
 
 
 def register_all(root=None):
