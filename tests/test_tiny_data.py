@@ -182,9 +182,8 @@ def test_loader_builds_on_first_use_and_ensure_is_idempotent(tmp_path, monkeypat
 def test_concurrent_ensure(tmp_path):
     """Two processes building the same root at once both succeed and leave one complete copy."""
     root = str(tmp_path / "race" / "regionssl_tiny")
-    # Load the module by path: each process then only imports what tiny.py needs.
-    code = ("import importlib.util as u; s = u.spec_from_file_location('t', %r); m = u.module_from_spec(s); "
-            "s.loader.exec_module(m); print(m.ensure_tiny_datasets(%r))" % (tiny.__file__, root))
+    code = ("import sys; sys.path.insert(0, %r); from regionssl.data.tiny import ensure_tiny_datasets; "
+            "print(ensure_tiny_datasets(%r))" % (os.path.dirname(os.path.dirname(os.path.dirname(tiny.__file__))), root))
     procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE) for _ in range(2)]
     outs = [p.communicate(timeout=120)[0].decode().strip().splitlines()[-1] for p in procs]
     assert [p.returncode for p in procs] == [0, 0] and outs == [root, root]
