@@ -35,6 +35,10 @@ def _add_model_keys(cfg):
     # Shuffle the key encoder's batch across processes before BatchNorm (MoCo's shuffle-BN),
     # which removes the intra-batch statistics shortcut. No-op in a single process.
     r.SHUFFLE_BN = True
+    # Per process, run query and key batches in this many groups (BatchNorm statistics per group),
+    # keys shuffled across groups: shuffle-BN over virtual devices in one process (MoCo's 1-GPU
+    # demo, SplitBatchNorm + shuffle). 1 = off: in one process the BN shortcut then remains.
+    r.BN_SPLITS = 1
 
     r.ROI = CN()
     # RoIAlign output size (InsLoc: 7, SCRL: 1).

@@ -22,7 +22,7 @@ import regionssl  # noqa: F401  (registers models and datasets)
 from regionssl.data.build import get_pretrain_dataset_dicts
 from regionssl.data.mapper import RegionSSLDatasetMapper
 from regionssl.engine import PretrainTrainer, get_regionssl_cfg
-from regionssl.modeling.encoders import ema_update, make_momentum_copy, momentum_at, shuffled_forward
+from regionssl.modeling.encoders import ema_update, make_momentum_copy, momentum_at, shuffled_forward, split_forward
 from regionssl.modeling.losses import info_nce
 from regionssl.modeling.queues import KeyQueues
 
@@ -157,6 +157,29 @@ def test_two_processes_queues_and_shuffle_bn(tmp_path):
     both = torch.cat([r0["model_keys"][0], r1["model_keys"][0]])  # (4, 128)
     torch.testing.assert_close(r0["model_queue"][0][:, :4], both.t())
     assert all(math.isfinite(v) for r in (r0, r1) for v in r["loss"].values())
+
+
+def test_one_process_split_and_shuffle():
+    """BN_SPLITS in one process: groups see only their images (per-group BN statistics); the
+    shuffled key batch is routed back to input order."""
+    torch.manual_seed(0)
+    net = _Probe()
+    images = torch.randn(6, 3, 16, 16)
+    images[:, 0, 0, 0] = torch.arange(6.0)
+    boxes = [torch.tensor([[1.0, 2.0, 9.0, 12.0]]).repeat(c, 1) + torch.rand(c, 4) for c in [1, 2, 3, 1, 2, 3]]
+    net.train()  # batch statistics: group outputs equal separate calls on each group
+    with torch.no_grad():
+        split = split_forward(net, images, boxes, splits=2)
+        torch.testing.assert_close(split, torch.cat([net(images[:3], boxes[:3]), net(images[3:], boxes[3:])]))
+        per_level = [boxes, [b + 1 for b in boxes]]  # a per-level list of per-image lists is split too
+        assert split_forward(lambda im, bx: torch.stack([net(im, b) for b in bx]), images, per_level, 3, dim=1).shape == (2, 12, 16)
+        net.eval()  # no statistics dependence: the shuffle must be invisible
+        net.seen.clear()
+        out = shuffled_forward(net, images, boxes, splits=2)
+        torch.testing.assert_close(out, net(images, boxes))
+    seen = torch.cat(net.seen[:2])
+    assert [len(x) for x in net.seen[:2]] == [3, 3] and sorted(seen.tolist()) == list(range(6))
+    assert shuffled_forward(net, images, boxes).shape == (12, 16)  # splits=1: plain call
 
 
 # ----------------------------------------------------------------------------- EMA / momentum

@@ -37,7 +37,7 @@ def main(argv=None):
     accs = {k.split("/")[-1]: v for k, v in pre.items() if k.startswith("regionssl/acc_")}
     if accs:
         # contrastive top-1 accuracy among 1 positive + K queue negatives (chance = 1 / (K + 1))
-        print("              contrastive top-1 accuracy: " + ", ".join(f"{k}={v:.2f}" for k, v in sorted(accs.items())))
+        print("              contrastive top-1 accuracy (last step; chance = 1/(1+K) with K queued keys): " + ", ".join(f"{k}={v:.2f}" for k, v in sorted(accs.items())))
     for kind in ("bbox", "segm"):
         ap = fin.get(f"{kind}/AP")
         if ap is None or (isinstance(ap, float) and math.isnan(ap)):

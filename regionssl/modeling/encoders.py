@@ -4,7 +4,8 @@
   detector has (``backbone.*``; C4: ``roi_heads.res5``; FPN box head: ``roi_heads.box_head``).
 * :func:`momentum_at` gives the EMA coefficient as a function of the global iteration.
 * :func:`make_momentum_copy` / :func:`ema_update` keep the target (key) encoder.
-* :func:`shuffled_forward` is MoCo's shuffle-BN generalised to images *and* their boxes.
+* :func:`shuffled_forward` is MoCo's shuffle-BN generalised to images *and* their boxes;
+  :func:`split_forward` runs a batch in groups (per-group BatchNorm, one-process shuffle-BN).
 * :class:`RegionPooler` turns backbone features and boxes into one vector per region and level.
 """
 import copy
@@ -26,6 +27,7 @@ __all__ = [
     "momentum_at",
     "make_momentum_copy",
     "ema_update",
+    "split_forward",
     "shuffled_forward",
     "RegionPooler",
 ]
@@ -98,14 +100,42 @@ def ema_update(online, target, m):
         torch._foreach_lerp_(t_params, [p.detach() for p in o_params], 1.0 - m)
 
 
+def _take(boxes, idx):
+    """Rows ``idx`` of a per-image box list, or of every level of a per-level list of such lists."""
+    if boxes and isinstance(boxes[0], (list, tuple)):
+        return [[level[i] for i in idx] for level in boxes]
+    return [boxes[i] for i in idx]
+
+
+def split_forward(fn, images, boxes, splits=1, dim=0):
+    """Run ``fn`` on ``splits`` consecutive groups of the batch and concatenate along ``dim``.
+
+    Each call sees only its group, so BatchNorm statistics are per group: MoCo's 1-GPU demo
+    (``facebookresearch/moco`` ``colab/moco_cifar10_demo.ipynb``, ``SplitBatchNorm``) simulates
+    the per-GPU BN of an 8-GPU run this way. ``splits <= 1`` is ``fn(images, boxes)``.
+
+    Args:
+        images: (N, 3, H, W); boxes: list of N (R_i, 4), or a list over levels of such lists.
+        dim: axis of ``fn``'s output that runs over regions (0 for (R, D), 1 for (L, R, D)).
+    """
+    if splits <= 1:
+        return fn(images, boxes)
+    n = images.shape[0]
+    assert n >= splits, f"MODEL.REGIONSSL.BN_SPLITS={splits} needs at least {splits} images per process, got {n}"
+    groups = torch.arange(n).tensor_split(splits)
+    return torch.cat([fn(images[g], _take(boxes, g.tolist())) for g in groups], dim=dim)
+
+
 @torch.no_grad()
-def shuffled_forward(fn, images, boxes):
-    """Run ``fn(images, boxes) -> (R, D)`` on a batch shuffled across processes, then unshuffle.
+def shuffled_forward(fn, images, boxes, splits=1):
+    """Run ``fn(images, boxes) -> (R, D)`` on a shuffled batch, then unshuffle the rows.
 
     MoCo's shuffle-BN: the key encoder's BatchNorm then sees statistics of a random subset of the
     global batch, not of the images its queries came from, which closes the intra-batch
-    statistics shortcut. Boxes travel with their images (InsLoc shuffles both). With one process
-    this is ``fn(images, boxes)``.
+    statistics shortcut. Boxes travel with their images (InsLoc shuffles both). Across processes
+    the whole global batch is permuted; with ``splits > 1`` each process then runs its share in
+    ``splits`` groups (:func:`split_forward`), which also gives one process a shuffle-BN over
+    ``splits`` virtual devices. One process with ``splits <= 1`` is ``fn(images, boxes)``.
 
     Args:
         images: (N, 3, H, W), N equal on every rank.
@@ -113,9 +143,14 @@ def shuffled_forward(fn, images, boxes):
     Returns:
         (sum_i R_i, D) outputs for this rank's own images, in input order.
     """
-    if world_size() == 1:
-        return fn(images, boxes)
     n = images.shape[0]
+    if world_size() == 1:
+        if splits <= 1:
+            return fn(images, boxes)
+        perm = torch.randperm(n, device=images.device)
+        out = split_forward(fn, images[perm], _take(boxes, perm.tolist()), splits)
+        per_image = torch.split(out, [len(boxes[i]) for i in perm.tolist()])
+        return torch.cat([per_image[j] for j in torch.argsort(perm).tolist()])
     all_images, _ = all_gather_cat(images)
     counts = torch.tensor([len(b) for b in boxes], device=images.device)
     flat = torch.cat([_as_tensor(b) for b in boxes]).to(images.device)
@@ -125,7 +160,7 @@ def shuffled_forward(fn, images, boxes):
     perm = broadcast_from_rank0(torch.randperm(all_images.shape[0], device=images.device))
     rank = torch.distributed.get_rank()
     mine = perm[rank * n : (rank + 1) * n]  # global indices of the images this rank encodes
-    out = fn(all_images[mine], [all_boxes[i] for i in mine.tolist()])
+    out = split_forward(fn, all_images[mine], [all_boxes[i] for i in mine.tolist()], splits)
     # send each output row back to the rank that owns its image
     owners, _ = all_gather_cat(mine)
     outs, out_counts = all_gather_cat(out)

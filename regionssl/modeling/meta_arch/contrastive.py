@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from detectron2.config import configurable
 
-from ..encoders import shuffled_forward
+from ..encoders import shuffled_forward, split_forward
 from ..heads import MLP
 from ..losses import info_nce
 from ..queues import KeyQueues
@@ -25,10 +25,12 @@ class ContrastiveBase(RegionSSLBase):
         temperature: T (0.2).
         level_weights: w_l per level (InsLoc: all 1).
         shuffle_bn: shuffle keys across processes before the key encoder (MoCo).
+        bn_splits: run query and key batches in this many groups per process (per-group BN),
+            keys shuffled across groups: shuffle-BN in one process (1 = off).
     """
 
     @configurable
-    def __init__(self, *, projector, queue_size, temperature, level_weights, shuffle_bn=True, **kwargs):
+    def __init__(self, *, projector, queue_size, temperature, level_weights, shuffle_bn=True, bn_splits=1, **kwargs):
         super().__init__(**kwargs)
         self.projector = projector
         self.build_momentum("projector")
@@ -37,7 +39,7 @@ class ContrastiveBase(RegionSSLBase):
             f"MODEL.REGIONSSL.LEVEL_WEIGHTS has {len(level_weights)} entries for levels {self.levels}"
         )
         self.level_weights = list(level_weights)
-        self.temperature, self.shuffle_bn = temperature, shuffle_bn
+        self.temperature, self.shuffle_bn, self.bn_splits = temperature, shuffle_bn, bn_splits
         self.queues = KeyQueues(len(self.levels), projector[-1].out_features, queue_size)
 
     @classmethod
@@ -52,6 +54,7 @@ class ContrastiveBase(RegionSSLBase):
             temperature=r.TEMPERATURE,
             level_weights=weights,
             shuffle_bn=r.SHUFFLE_BN,
+            bn_splits=r.BN_SPLITS,
         )
         return args
 
@@ -71,9 +74,9 @@ class ContrastiveBase(RegionSSLBase):
             return z.transpose(0, 1).reshape(z.shape[1], -1)
 
         if self.shuffle_bn:
-            flat = shuffled_forward(encode, images, boxes)
+            flat = shuffled_forward(encode, images, boxes, self.bn_splits)
         else:
-            flat = encode(images, boxes)
+            flat = split_forward(encode, images, boxes, self.bn_splits)
         return flat.view(flat.shape[0], levels, -1).transpose(0, 1)
 
     def query_boxes(self, batched_inputs):
@@ -103,8 +106,12 @@ class ContrastiveBase(RegionSSLBase):
         self.log(num_pairs=q.shape[1], momentum=self.current_momentum())
         return losses
 
+    def query_embed(self, images, boxes):
+        """Online-encoder embeddings (L, R, D) of the query view (in ``bn_splits`` BN groups)."""
+        return split_forward(lambda im, bx: self.embed(self, im, bx), images, boxes, self.bn_splits, dim=1)
+
     def losses(self, batched_inputs):
-        q = self.embed(self, self.view_batch(batched_inputs, 0), self.query_boxes(batched_inputs))
+        q = self.query_embed(self.view_batch(batched_inputs, 0), self.query_boxes(batched_inputs))
         with torch.no_grad():
             self.update_momentum()
             k = self.key_embed(self.view_batch(batched_inputs, 1), self.view_boxes(batched_inputs, 1))

@@ -22,7 +22,9 @@ batch shuffled across processes together with its boxes (``shuffled_forward``, M
 shuffle-BN; InsLoc ``shuffle_data=['img', 'bbox']``), so a query and its key are normalised
 with statistics of different image subsets and cannot match through them. With one process
 there is nothing to shuffle with: the intra-batch statistics shortcut remains, exactly as in
-MoCo on one GPU. Multi-process runs use per-process BN ("BN", not SyncBN) for this reason.
+MoCo on one GPU, unless ``MODEL.REGIONSSL.BN_SPLITS`` > 1 runs query and key batches in groups
+with the keys shuffled across groups (MoCo's 1-GPU demo; ``split_forward``). Multi-process runs
+use per-process BN ("BN", not SyncBN) for this reason.
 """
 from detectron2.modeling import META_ARCH_REGISTRY
 
