@@ -93,18 +93,29 @@ class ContrastiveBase(RegionSSLBase):
         for l, level in enumerate(self.levels):
             loss, logits = info_nce(q[l], k[l], self.queues.negatives(l), self.temperature)
             losses[f"loss_{prefix}_{level}"] = self.level_weights[l] * loss
-            with torch.no_grad():
-                sims = logits * self.temperature
-                self.log(**{
-                    f"acc_{level}": (logits.argmax(dim=1) == 0).float().mean(),
-                    f"pos_sim_{level}": sims[:, 0].mean(),
-                    f"neg_sim_{level}": sims[:, 1:].mean(),
-                    f"queue_fill_{level}": self.queues.fill_fraction(l),
-                    f"emb_std_{level}": self.embedding_std(q[l]),
-                })
+            self.log_contrast(level, logits, q[l], queue_fill=self.queues.fill_fraction(l))
             self.queues.enqueue(l, k[l])
         self.log(num_pairs=q.shape[1], momentum=self.current_momentum())
         return losses
+
+    @torch.no_grad()
+    def log_contrast(self, level, logits, queries, **extra):
+        """Log the InfoNCE diagnostics of one level.
+
+        Args:
+            logits: (R, 1 + K) with the positive in column 0, already divided by T.
+            queries: (R, D) query embeddings (collapse signal ``emb_std``).
+            extra: more per-level scalars, logged as ``{name}_{level}``.
+        """
+        sims = logits * self.temperature
+        scalars = {
+            "acc": (logits.argmax(dim=1) == 0).float().mean(),
+            "pos_sim": sims[:, 0].mean(),
+            "neg_sim": sims[:, 1:].mean(),
+            "emb_std": self.embedding_std(queries),
+            **extra,
+        }
+        self.log(**{f"{name}_{level}": value for name, value in scalars.items()})
 
     def query_embed(self, images, boxes):
         """Online-encoder embeddings (L, R, D) of the query view (in ``bn_splits`` BN groups)."""

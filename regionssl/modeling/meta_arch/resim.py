@@ -249,16 +249,7 @@ class ReSim(ContrastiveBase):
                 query_maps[level], key_maps[level], rois_q, rois_k, negatives, 1.0 / stride, self.temperature
             )
             losses[f"loss_region_{level}"] = self.region_weights[g] * loss
-            with torch.no_grad():
-                sims = logits * self.temperature
-                self.log(**{
-                    f"acc_{level}": (logits.argmax(dim=1) == 0).float().mean(),
-                    f"pos_sim_{level}": sims[:, 0].mean(),
-                    f"neg_sim_{level}": sims[:, 1:].mean(),
-                    f"emb_std_{level}": self.embedding_std(q),
-                    f"num_pairs_{level}": len(rois_q),
-                    f"num_neg_{level}": negatives.shape[1],
-                })
+            self.log_contrast(level, logits, q, num_pairs=len(rois_q), num_neg=negatives.shape[1])
         return losses
 
     def losses(self, batched_inputs):
