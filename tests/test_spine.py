@@ -45,6 +45,22 @@ def test_unknown_config_key_is_named():
         cfg_of("mocov2.yaml", "MODEL.REGIONSSL.NOT_A_KEY", "1")
 
 
+def test_warmup_longer_than_schedule_is_named():
+    from regionssl.engine.trainer import PretrainTrainer
+
+    cfg = cfg_of(os.path.join(QS, "byol_instant_test.yaml"), "SOLVER.MAX_ITER", "4", "SOLVER.WARMUP_ITERS", "4")
+    assert cfg.SOLVER.RESCALE_INTERVAL
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    with pytest.raises(ValueError, match=r"SOLVER.WARMUP_ITERS \(4\) must be smaller than SOLVER.MAX_ITER \(4\)"):
+        PretrainTrainer.build_lr_scheduler(cfg, optimizer)
+    cfg.defrost()
+    cfg.SOLVER.WARMUP_ITERS = 3
+    scheduler = PretrainTrainer.build_lr_scheduler(cfg, optimizer)
+    for _ in range(4):
+        optimizer.step()
+        scheduler.step()  # the last steps of a valid schedule run to the end
+
+
 def _pretrained_model(config, tmp_path):
     """Build a pretraining model, make momentum weights differ from online ones, save as the trainer does."""
     cfg = cfg_of(os.path.join(QS, config))

@@ -72,6 +72,19 @@ class _Trainer(DefaultTrainer):
         return RegionSSLCheckpointer(model, cfg.OUTPUT_DIR, **checkpointables)
 
     @classmethod
+    def build_lr_scheduler(cls, cfg, optimizer):
+        # With RESCALE_INTERVAL the cosine runs over MAX_ITER - WARMUP_ITERS; fvcore would divide
+        # by zero (or a negative length) deep in the first scheduler step.
+        s = cfg.SOLVER
+        if s.RESCALE_INTERVAL and s.WARMUP_ITERS >= s.MAX_ITER:
+            raise ValueError(
+                f"SOLVER.WARMUP_ITERS ({s.WARMUP_ITERS}) must be smaller than SOLVER.MAX_ITER ({s.MAX_ITER}) "
+                "when SOLVER.RESCALE_INTERVAL is True (the schedule after warmup would be empty); "
+                "lower WARMUP_ITERS along with MAX_ITER."
+            )
+        return super().build_lr_scheduler(cfg, optimizer)
+
+    @classmethod
     def build_optimizer(cls, cfg, model):
         name = cfg.SOLVER.REGIONSSL.OPTIMIZER
         if name == "SGD":
