@@ -33,6 +33,18 @@ def build(cfg, seed, weights=None):
     return model
 
 
+def print_table(columns, rows):
+    """Markdown table: one column per model, one row per probe number."""
+    print("| metric | " + " | ".join(columns) + " |")
+    print("|---|" + "---|" * len(columns))
+    for row in rows:
+        cells = []
+        for metrics in columns.values():
+            v = metrics[row]
+            cells.append(v if isinstance(v, str) else f"{int(v)}" if row.startswith("num_") else f"{v:.3f}")
+        print(f"| {row} | " + " | ".join(cells) + " |")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config-file", required=True)
@@ -40,7 +52,8 @@ def main(argv=None):
     parser.add_argument("--random-init", action="store_true", help="add a random-initialisation column")
     parser.add_argument("--dataset", default=None, help="probe dataset (default TEST.REGIONSSL.PROBE_DATASET)")
     parser.add_argument("--max-images", type=int, default=None)
-    parser.add_argument("--seed", type=int, default=0, help="probe seed (views, boxes, augmentation)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0],
+                        help="probe seeds (views, boxes, augmentation); several give a table of means")
     parser.add_argument("--init-seed", type=int, default=0, help="seed of the model construction")
     parser.add_argument("opts", nargs=argparse.REMAINDER, default=[])
     args = parser.parse_args(argv)
@@ -51,24 +64,28 @@ def main(argv=None):
         columns.append(("checkpoint", weights))
     if args.random_init or not weights:
         columns.append(("random init", None))
-    results = {}
+    results = {}  # column -> seed -> metrics
     for name, w in columns:
-        start = time.perf_counter()
         model = build(cfg, args.init_seed, w)
-        results[name] = run_probe(model, cfg, dataset=args.dataset, max_images=args.max_images, seed=args.seed)
-        results[name]["seconds"] = time.perf_counter() - start
+        results[name] = {}
+        for seed in args.seeds:
+            start = time.perf_counter()
+            results[name][seed] = run_probe(model, cfg, dataset=args.dataset, max_images=args.max_images, seed=seed)
+            results[name][seed]["seconds"] = time.perf_counter() - start
     print(f"probe: {cfg.MODEL.META_ARCHITECTURE} ({args.config_file}), dataset "
-          f"{args.dataset or cfg.TEST.REGIONSSL.PROBE_DATASET}, crop {cfg.TEST.REGIONSSL.PROBE_CROP_SIZE}, seed {args.seed}")
+          f"{args.dataset or cfg.TEST.REGIONSSL.PROBE_DATASET}, crop {cfg.TEST.REGIONSSL.PROBE_CROP_SIZE}")
     if weights:
         print(f"checkpoint: {weights}")
-    print("| metric | " + " | ".join(n for n, _ in columns) + " |")
-    print("|---|" + "---|" * len(columns))
-    for row in ROWS + ("seconds",):
-        cells = []
+    for seed in args.seeds:
+        print(f"\nseed {seed}")
+        print_table({n: results[n][seed] for n, _ in columns}, ROWS + ("seconds",))
+    if len(args.seeds) > 1:
+        print(f"\nmean over seeds {', '.join(map(str, args.seeds))} (min - max)")
+        summary = {}
         for n, _ in columns:
-            v = results[n][row]
-            cells.append(f"{int(v)}" if row.startswith("num_") else f"{v:.3f}")
-        print(f"| {row} | " + " | ".join(cells) + " |")
+            values = {row: [results[n][seed][row] for seed in args.seeds] for row in ("top1", "image_top1")}
+            summary[n] = {row: f"{sum(v) / len(v):.3f} ({min(v):.3f} - {max(v):.3f})" for row, v in values.items()}
+        print_table(summary, ("top1", "image_top1"))
     return results
 
 
