@@ -56,9 +56,13 @@ def test_warmup_longer_than_schedule_is_named():
     cfg.defrost()
     cfg.SOLVER.WARMUP_ITERS = 3
     scheduler = PretrainTrainer.build_lr_scheduler(cfg, optimizer)
+    lrs = []
     for _ in range(4):
+        lrs.append(optimizer.param_groups[0]["lr"])
         optimizer.step()
-        scheduler.step()  # the last steps of a valid schedule run to the end
+        scheduler.step()
+    # linear warmup from 0 (WARMUP_FACTOR 0) over 3 iterations, then the rescaled cosine starts at the full lr
+    assert lrs == pytest.approx([0.0, 0.1 / 3, 0.2 / 3, 0.1])
 
 
 def _pretrained_model(config, tmp_path):
