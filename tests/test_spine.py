@@ -179,3 +179,16 @@ def test_two_process_cpu_pretraining_and_resume(tmp_path):
     assert "Starting training from iteration 2" in r.stdout + r.stderr
     ckpt = torch.load(os.path.join(out, "model_final.pth"), map_location="cpu", weights_only=False)
     assert ckpt["iteration"] == 3
+
+
+def test_probe_command_line_takes_overrides_after_seeds():
+    # Detectron2 users append config overrides at the end; --seeds must not swallow them.
+    from probe import parse_args
+
+    args = parse_args(["--config-file", "c.yaml", "--seeds", "0", "1", "2", "MODEL.WEIGHTS", "w.pth"])
+    assert args.seeds == [0, 1, 2] and args.opts == ["MODEL.WEIGHTS", "w.pth"]
+    args = parse_args(["--config-file", "c.yaml", "--seed", "3", "--random-init"])  # abbreviation
+    assert args.seeds == [3] and args.opts == [] and args.random_init
+    assert parse_args(["--config-file", "c.yaml"]).seeds == [0]
+    with pytest.raises(SystemExit):
+        parse_args(["--config-file", "c.yaml", "--seeds", "MODEL.X", "1"])

@@ -45,18 +45,36 @@ def print_table(columns, rows):
         print(f"| {row} | " + " | ".join(cells) + " |")
 
 
-def main(argv=None):
+def split_seeds(tokens, opts, parser):
+    """``--seeds`` is greedy: ``--seeds 0 1 2 MODEL.X y`` gives tokens [0, 1, 2, MODEL.X, y].
+    Returns (leading integer seeds, the remaining tokens + opts) as Detectron2's trailing opts."""
+    n = 0
+    while n < len(tokens) and tokens[n].lstrip("-").isdigit():
+        n += 1
+    if n == 0:
+        parser.error(f"--seeds needs at least one integer, got {tokens[0]!r}")
+    return [int(t) for t in tokens[:n]], list(tokens[n:]) + list(opts)
+
+
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config-file", required=True)
     parser.add_argument("--weights", default="", help="pretraining checkpoint (default: MODEL.WEIGHTS)")
     parser.add_argument("--random-init", action="store_true", help="add a random-initialisation column")
     parser.add_argument("--dataset", default=None, help="probe dataset (default TEST.REGIONSSL.PROBE_DATASET)")
     parser.add_argument("--max-images", type=int, default=None)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0],
-                        help="probe seeds (views, boxes, augmentation); several give a table of means")
+    parser.add_argument("--seeds", nargs="+", default=["0"],
+                        help="probe seeds (views, boxes, augmentation); several give a table of means. "
+                             "Config overrides may follow them (--seeds 0 1 2 MODEL.X y)")
     parser.add_argument("--init-seed", type=int, default=0, help="seed of the model construction")
     parser.add_argument("opts", nargs=argparse.REMAINDER, default=[])
     args = parser.parse_args(argv)
+    args.seeds, args.opts = split_seeds(args.seeds, args.opts, parser)
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
     cfg = adapt_to_machine(get_regionssl_cfg(args.config_file, args.opts), world_size=1)
     weights = args.weights or cfg.MODEL.WEIGHTS
     columns = []
