@@ -151,12 +151,29 @@ def test_grouping_catches_torchvision_downsample_bn():
 
 
 def test_optimizer_runs_on_model_groups():
+    """One LARS step on the groups built from a real model moves every parameter by exactly the
+    rule of its group (checked against the formula, not against a zero/non-zero pattern: a
+    Linear bias in front of a BatchNorm has a float-noise gradient whose step may round away)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 1))
-    opt = LARS(build_lars_param_groups(model, 0.5, 1e-4), lr=0.5, eta=1e-3)
-    before = [p.detach().clone() for p in model.parameters()]
+    lr, wd, eta = 0.5, 1e-4, 1e-3
+    groups = build_lars_param_groups(model, lr, wd)
+    opt = LARS(groups, lr=lr, eta=eta, eps=0.0)
+    before = {id(p): p.detach().clone().double() for p in model.parameters()}
     model(torch.randn(16, 4)).pow(2).mean().backward()
+    grads = {id(p): p.grad.detach().clone().double() for p in model.parameters()}
+    excluded = {id(p) for g in groups if g["lars_exclude"] for p in g["params"]}
     opt.step()
-    assert all(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    for p in model.parameters():
+        w, g = before[id(p)], grads[id(p)]
+        if id(p) in excluded:  # plain SGD step, no weight decay
+            expected = w - lr * g
+        else:
+            trust = eta * w.norm() / (g.norm() + wd * w.norm())
+            expected = w - lr * trust * (g + wd * w)
+        torch.testing.assert_close(p.detach().double(), expected, rtol=1e-6, atol=1e-7)
+    # the weights of both Linear layers (real gradients) did move
+    assert not torch.equal(before[id(model[0].weight)].float(), model[0].weight.detach())
+    assert not torch.equal(before[id(model[3].weight)].float(), model[3].weight.detach())
     sd = opt.state_dict()
     assert sd["param_groups"][1]["lars_exclude"] is True
