@@ -230,3 +230,6 @@ def _add_test_keys(cfg):
     t.PROBE_CROP_SIZE = 224
     # Probe rounds: each draws one view pair (one region) per image tile and retrieves among all tiles.
     t.PROBE_ROUNDS = 8
+    # Tiles per side of each probe image (g x g places per image); 0 = the smallest g giving >= 64
+    # tiles in all. g > 1 makes regions compete with the other places of their own image.
+    t.PROBE_GRID = 0

@@ -412,3 +412,8 @@ def test_run_probe_is_seeded_and_restores_state(monkeypatch):
     assert first["num_regions"] == 16 and first["chance"] == 1 / 16  # 1 image -> 4 x 4 tiles
     assert set(first) >= {"top1", "top1_v1_to_v2", "top1_v2_to_v1", "image_top1", "num_queries"}
     assert 0.0 <= first["top1"] <= 1.0 and first["image_top1"] == 1.0
+    # an explicit grid overrides the automatic one: 2 images x 3 x 3 tiles = 18 places per round
+    cfg.TEST.REGIONSSL.PROBE_GRID = 3
+    gridded = run_probe(model, cfg, max_images=2)
+    assert gridded["num_regions"] == 18 and gridded["chance"] == 1 / 18
+    assert gridded["num_queries"] == 18 and 0.0 <= gridded["image_top1"] <= 1.0
