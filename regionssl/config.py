@@ -214,6 +214,12 @@ def _add_solver_keys(cfg):
     s.LARS_TRUST = 0.001
     # LARS: biases and norm parameters get neither adaptation nor weight decay.
     s.LARS_EXCLUDE_BIAS_AND_NORM = True
+    # If set, a regular expression on parameter names choosing the excluded parameters instead of
+    # "every bias and norm layer" (SCRL's name rule, see configs/scrl.yaml and docs/methods/scrl.md).
+    s.LARS_EXCLUDE_NAMES = ""
+    # SCRL's CustomLARS quirk: excluded gradients are multiplied by lr before SGD applies lr again
+    # (step lr^2 * g). Only configs/scrl.yaml turns it on (docs/methods/scrl.md).
+    s.LARS_EXCLUDED_GRAD_TIMES_LR = False
 
 
 def _add_test_keys(cfg):

@@ -92,8 +92,10 @@ class _Trainer(DefaultTrainer):
         if name == "LARS":
             from ..solver import LARS, build_lars_param_groups
 
+            s = cfg.SOLVER.REGIONSSL
             groups = build_lars_param_groups(
-                model, cfg.SOLVER.BASE_LR, cfg.SOLVER.WEIGHT_DECAY, cfg.SOLVER.REGIONSSL.LARS_EXCLUDE_BIAS_AND_NORM
+                model, cfg.SOLVER.BASE_LR, cfg.SOLVER.WEIGHT_DECAY, s.LARS_EXCLUDE_BIAS_AND_NORM,
+                exclude_names=s.LARS_EXCLUDE_NAMES, grad_times_lr=s.LARS_EXCLUDED_GRAD_TIMES_LR,
             )
             opt = LARS(groups, lr=cfg.SOLVER.BASE_LR, momentum=cfg.SOLVER.MOMENTUM, eta=cfg.SOLVER.REGIONSSL.LARS_TRUST)
             return maybe_add_gradient_clipping(cfg, opt)
