@@ -179,6 +179,13 @@ def _add_input_keys(cfg):
     i.JITTER.ANCHOR_RATIOS = [0.5, 0.75, 1.0, 1.5, 2.0]
     # An anchor qualifies when its IoU with the box exceeds this (0.5).
     i.JITTER.IOU_THRESHOLD = 0.5
+    # Anchor centres at (OFFSET + k) * stride (InsLoc's mmdet anchors: 0.0, i.e. 0, 16, 32, ...).
+    i.JITTER.ANCHOR_OFFSET = 0.0
+    # NMS IoU threshold among qualifying anchors, with random scores; one survivor is drawn (0.7).
+    # 1.0 = no suppression: uniform over the qualifying anchors.
+    i.JITTER.NMS_THRESHOLD = 0.7
+    # If no anchor qualifies, the candidates are this many anchors of highest IoU (4000; 1 = best).
+    i.JITTER.FALLBACK_TOPK = 4000
 
     i.INTERSECTION = CN()
     # At most this many boxes per image (SCRL: 10).

@@ -115,7 +115,9 @@ class RegionSSLDatasetMapper:
         if c.JITTER.ENABLED:
             j = c.JITTER
             jitter = dict(
-                stride=j.ANCHOR_STRIDE, sizes=list(j.ANCHOR_SIZES), ratios=list(j.ANCHOR_RATIOS), iou_threshold=j.IOU_THRESHOLD
+                stride=j.ANCHOR_STRIDE, sizes=list(j.ANCHOR_SIZES), ratios=list(j.ANCHOR_RATIOS),
+                iou_threshold=j.IOU_THRESHOLD, offset=j.ANCHOR_OFFSET, nms_threshold=j.NMS_THRESHOLD,
+                fallback_topk=j.FALLBACK_TOPK,
             )
         return {
             "view_generator": build_view_generator(cfg, background_source=background),
