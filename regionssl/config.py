@@ -137,6 +137,9 @@ def _add_input_keys(cfg):
     i.PHOTOMETRIC = CN()
     # Colour jitter strengths (brightness, contrast, saturation, hue) (MoCo-v2: 0.4,0.4,0.4,0.1).
     i.PHOTOMETRIC.COLOR_JITTER = (0.4, 0.4, 0.4, 0.1)
+    # "torchvision" (MoCo/SCRL/SwAV/ReSim/InsLoc) or "deepmind" (BYOL's JAX ops: additive brightness,
+    # per-channel contrast, HSV saturation), see regionssl/data/photometric.py.
+    i.PHOTOMETRIC.COLOR_JITTER_SEMANTICS = "torchvision"
     # Probability of applying colour jitter (0.8).
     i.PHOTOMETRIC.COLOR_JITTER_PROB = 0.8
     # Probability of converting to grayscale (0.2).
@@ -147,6 +150,8 @@ def _add_input_keys(cfg):
     i.PHOTOMETRIC.BLUR_SIGMA = (0.1, 2.0)
     # "gaussian" (MoCo/BYOL) or "resize" (SCRL: down-scale by 1.1/1.2/1.5 and back up).
     i.PHOTOMETRIC.BLUR_TYPE = "gaussian"
+    # Blur before colour jitter and grayscale (ReSim's order) instead of after them (MoCo-v2's).
+    i.PHOTOMETRIC.BLUR_FIRST = False
     # Solarize probability per view (BYOL: 0.0, 0.2). Last value repeats.
     i.PHOTOMETRIC.SOLARIZE_PROB = [0.0, 0.0]
     # Turn every photometric op off (geometry tests, visualisation).

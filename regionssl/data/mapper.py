@@ -109,6 +109,8 @@ class RegionSSLDatasetMapper:
                     blur_sigma=tuple(p.BLUR_SIGMA),
                     blur_type=p.BLUR_TYPE,
                     solarize_prob=p.SOLARIZE_PROB[min(v, len(p.SOLARIZE_PROB) - 1)],
+                    jitter_semantics=p.COLOR_JITTER_SEMANTICS,
+                    blur_first=p.BLUR_FIRST,
                 )
             )
         jitter = None
