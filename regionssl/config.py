@@ -8,7 +8,7 @@ leaves under ``configs/`` override what differs.
 """
 from detectron2.config import CfgNode as CN
 
-__all__ = ["add_regionssl_config"]
+__all__ = ["add_regionssl_config", "per_level"]
 
 
 def add_regionssl_config(cfg):
@@ -20,6 +20,24 @@ def add_regionssl_config(cfg):
     _add_solver_keys(cfg)
     _add_test_keys(cfg)
     return cfg
+
+
+def per_level(key, values, levels, levels_key="MODEL.REGIONSSL.IN_FEATURES"):
+    """``list(values)`` if it has one entry per entry of ``levels``, else a ValueError naming both keys.
+
+    Args:
+        key (str): full config key of the list, e.g. "MODEL.REGIONSSL.LEVEL_WEIGHTS".
+        values: its value.
+        levels (list): what the entries correspond to (the value of ``levels_key``).
+        levels_key (str): the config key (or a description) ``levels`` comes from.
+    """
+    values = list(values)
+    if len(values) != len(levels):
+        raise ValueError(
+            f"{key} = {values} has {len(values)} entries; it needs {len(levels)}, one per entry of "
+            f"{levels_key} = {list(levels)}."
+        )
+    return values
 
 
 def _add_model_keys(cfg):

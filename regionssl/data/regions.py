@@ -24,6 +24,8 @@ from detectron2.structures import Boxes, pairwise_iou
 from detectron2.utils.registry import Registry
 from torchvision.ops import nms
 
+from ..config import per_level
+
 __all__ = [
     "RegionSet", "REGION_SAMPLER_REGISTRY", "build_region_sampler", "anchor_grid", "pick_jittered_anchor",
     "anchor_jitter", "box_iou_np",
@@ -184,8 +186,8 @@ class SlidingWindows:
 
     @configurable
     def __init__(self, *, sizes, strides):
-        assert len(sizes) == len(strides)
-        self.sizes, self.strides = list(sizes), list(strides)
+        self.sizes = list(sizes)
+        self.strides = per_level("INPUT.REGIONSSL.WINDOWS.STRIDES", strides, self.sizes, "INPUT.REGIONSSL.WINDOWS.SIZES")
 
     @classmethod
     def from_config(cls, cfg):
