@@ -114,9 +114,9 @@ class PretrainTrainer(_Trainer):
 
     @classmethod
     def build_train_loader(cls, cfg):
-        from .hooks import RememberLastBatch
+        from .hooks import CollectSkippedFiles, RememberLastBatch
 
-        loader = build_pretrain_train_loader(cfg)
+        loader = CollectSkippedFiles(build_pretrain_train_loader(cfg))  # counts unreadable files
         return RememberLastBatch(loader) if cfg.VIS_PERIOD > 0 else loader
 
     def build_hooks(self):
