@@ -1,4 +1,4 @@
-"""Every view generator and region sampler keeps boxes on the same original pixels (DESIGN.md §3).
+"""Every view generator and region sampler keeps boxes on the same original pixels (docs/design.md, mapper output).
 
 The input image encodes its own coordinates in its pixels (``coordinate_image``), photometric ops
 are off and crops are resized with NEAREST, so every pixel of every view can be decoded back to the
