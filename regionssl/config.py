@@ -73,7 +73,8 @@ def _add_model_keys(cfg):
     r.MOMENTUM.SCHEDULE = "constant"
 
     r.QUEUE = CN()
-    # Number of negatives K per queue (MoCo/InsLoc: 65536). Must be a multiple of the global batch.
+    # Number of negatives K per queue (MoCo/InsLoc: 65536). 0 = no queue: the negatives of each query
+    # are the other keys of the global batch (MoCo v3), never stale; for small-batch runs.
     r.QUEUE.SIZE = 65536
 
     r.PROJECTOR = CN()
