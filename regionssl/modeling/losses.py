@@ -69,7 +69,7 @@ __all__ += ["cross_view_attention", "saliency_alignment"]
 
 
 def cross_view_attention(q, k, temperature):
-    """Where a query map and a key map attend to each other (CVSA; see docs/cvsa.md).
+    """Where a query map and a key map attend to each other (CVSA; see docs/methods/cvsa.md).
 
     With cosine similarities ``s_ij = cos(q_i, k_j) / T`` between query positions i and key
     positions j:

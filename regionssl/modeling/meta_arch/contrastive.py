@@ -11,6 +11,8 @@ import torch.nn.functional as F
 from detectron2.config import configurable
 from detectron2.utils import comm
 
+from ...config import per_level
+
 from ..encoders import shuffled_forward, split_forward
 from ..heads import MLP
 from ...utils.distributed import all_gather_cat
@@ -52,8 +54,10 @@ class ContrastiveBase(RegionSSLBase):
     def from_config(cls, cfg):
         args = super().from_config(cfg)
         r = cfg.MODEL.REGIONSSL
-        levels = 1 if cls.is_global else len(r.IN_FEATURES)
-        weights = list(r.LEVEL_WEIGHTS) if len(r.LEVEL_WEIGHTS) == levels else [1.0] * levels
+        if cls.is_global:
+            weights = per_level("MODEL.REGIONSSL.LEVEL_WEIGHTS", r.LEVEL_WEIGHTS, ["global"], "the image-level loss")
+        else:
+            weights = per_level("MODEL.REGIONSSL.LEVEL_WEIGHTS", r.LEVEL_WEIGHTS, r.IN_FEATURES)
         args.update(
             projector=MLP(args["feature_dim"], r.PROJECTOR.HIDDEN_DIM, r.PROJECTOR.OUT_DIM, r.PROJECTOR.NORM),
             queue_size=r.QUEUE.SIZE,
