@@ -30,8 +30,8 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 import tarfile
+import tempfile
 import time
 import zipfile
 from importlib import metadata, util
