@@ -85,6 +85,10 @@ def _add_model_keys(cfg):
     # Normalisation after the hidden layer: "" (MoCo-v2), "BN" or "SyncBN" (BYOL/SCRL sync it
     # across GPUs; -> "naiveSyncBN" for CPU processes). BYOL/SCRL/CVSA use it for the predictor too.
     r.PROJECTOR.NORM = ""
+    # MoCo-rule methods (InsLoc, MoCo-v2, ReSim's instance branch): normalisation of the projector's
+    # output, BN without scale/shift as MoCo v3 ("" = none, the official MoCo-v2 head). Removes the
+    # direction every embedding shares, which dominates at random initialisation in small runs.
+    r.PROJECTOR.OUT_NORM = ""
 
     r.PREDICTOR = CN()
     # Hidden width of the BYOL predictor q (4096); output width equals PROJECTOR.OUT_DIM.

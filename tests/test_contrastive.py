@@ -417,3 +417,26 @@ def test_run_probe_is_seeded_and_restores_state(monkeypatch):
     gridded = run_probe(model, cfg, max_images=2)
     assert gridded["num_regions"] == 18 and gridded["chance"] == 1 / 18
     assert gridded["num_queries"] == 18 and 0.0 <= gridded["image_top1"] <= 1.0
+
+
+def test_projector_output_norm_removes_the_shared_direction():
+    from regionssl.modeling.heads import MLP
+
+    torch.manual_seed(0)
+    plain, normed = MLP(16, 32, 8), MLP(16, 32, 8, out_norm="BN")
+    normed.load_state_dict(plain.state_dict(), strict=False)  # same Linear weights
+    x = torch.rand(64, 16) + 3.0  # non-negative inputs with a large common part, like pooled ReLU features
+    z_plain, z_normed = plain(x), normed(x)
+    # MoCo v3's output BN has no scale/shift: per dimension, zero mean and unit (biased) variance
+    assert not any(p.requires_grad for p in normed[-1].parameters()) and len(list(normed[-1].parameters())) == 0
+    torch.testing.assert_close(z_normed.mean(0), torch.zeros(8), atol=1e-5, rtol=0)
+    v = z_plain.var(0, unbiased=False)
+    torch.testing.assert_close(z_normed.var(0, unbiased=False), v / (v + 1e-5), atol=1e-4, rtol=0)  # BN's eps
+    torch.testing.assert_close(z_normed, (z_plain - z_plain.mean(0)) / (z_plain.var(0, unbiased=False) + 1e-5).sqrt(),
+                               atol=1e-4, rtol=0)
+    # the common direction dominates the plain head's unit embeddings and is gone after the norm
+    cos = lambda z: (F.normalize(z, dim=1) @ F.normalize(z, dim=1).t()).mean().item()  # noqa: E731
+    assert cos(z_plain) > 0.9 and abs(cos(z_normed)) < 0.05
+    assert normed.out_features == plain.out_features == 8
+    # the official head (no output norm) keeps exactly its checkpoint keys
+    assert list(plain.state_dict()) == ["0.weight", "0.bias", "2.weight", "2.bias"]

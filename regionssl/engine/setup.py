@@ -44,10 +44,11 @@ def adapt_to_machine(cfg, world_size=None):
             if node is not None and node.get("NORM") == "SyncBN":
                 logger.warning(f"MODEL.{key}.NORM: SyncBN -> naiveSyncBN for {world_size} CPU processes.")
                 node.NORM = "naiveSyncBN"
-        proj = cfg.MODEL.REGIONSSL.PROJECTOR  # BYOL/SCRL projector and predictor BN
-        if proj.NORM == "SyncBN":
-            logger.warning(f"MODEL.REGIONSSL.PROJECTOR.NORM: SyncBN -> naiveSyncBN for {world_size} CPU processes.")
-            proj.NORM = "naiveSyncBN"
+        proj = cfg.MODEL.REGIONSSL.PROJECTOR  # BYOL/SCRL projector and predictor BN, MoCo v3 output BN
+        for key in ("NORM", "OUT_NORM"):
+            if proj.get(key) == "SyncBN":
+                logger.warning(f"MODEL.REGIONSSL.PROJECTOR.{key}: SyncBN -> naiveSyncBN for {world_size} CPU processes.")
+                proj[key] = "naiveSyncBN"
     return cfg
 
 

@@ -48,7 +48,7 @@ class ContrastiveBase(RegionSSLBase):
         )
         self.level_weights = list(level_weights)
         self.temperature, self.shuffle_bn, self.bn_splits = temperature, shuffle_bn, bn_splits
-        self.queues = KeyQueues(len(self.levels), projector[-1].out_features, queue_size) if queue_size > 0 else None
+        self.queues = KeyQueues(len(self.levels), projector.out_features, queue_size) if queue_size > 0 else None
 
     @classmethod
     def from_config(cls, cfg):
@@ -59,7 +59,8 @@ class ContrastiveBase(RegionSSLBase):
         else:
             weights = per_level("MODEL.REGIONSSL.LEVEL_WEIGHTS", r.LEVEL_WEIGHTS, r.IN_FEATURES)
         args.update(
-            projector=MLP(args["feature_dim"], r.PROJECTOR.HIDDEN_DIM, r.PROJECTOR.OUT_DIM, r.PROJECTOR.NORM),
+            projector=MLP(args["feature_dim"], r.PROJECTOR.HIDDEN_DIM, r.PROJECTOR.OUT_DIM, r.PROJECTOR.NORM,
+                          out_norm=r.PROJECTOR.OUT_NORM),
             queue_size=r.QUEUE.SIZE,
             temperature=r.TEMPERATURE,
             level_weights=weights,

@@ -79,7 +79,7 @@ class SwAV(RegionSSLBase):
         super().__init__(**kwargs)
         assert self.pooler.kind == "global", "SwAV needs a ResNet backbone (res5), not an FPN"
         self.projector = projector
-        dim = projector[-1].out_features
+        dim = projector.out_features
         self.prototypes = nn.Linear(dim, num_prototypes, bias=False)
         self.normalize_prototypes()  # unit rows from the start: frozen prototypes never move
         self.temperature, self.epsilon, self.sinkhorn_iters = temperature, epsilon, sinkhorn_iters
