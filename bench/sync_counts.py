@@ -1,22 +1,24 @@
 """Host reads (GPU syncs) in one training step of every method, with 1 and 2 processes.
 
 Every method's ``*_instant_test.yaml`` with a ResNet-18 trunk and 64 px views is built into a
-``PretrainTrainer`` (the real DDP wrapper, optimizer, hooks and metric writing); a step on a
-warm-up batch of 4 images per process comes first (SwAV's queue fills, prototypes unfreeze), then
-one step on 2 and one on 4 images per process are counted with
-:class:`regionssl.utils.host_reads.HostReadCounter` (what counts as a read, and how the CPU
-run tells host from device tensors, is in its docstring). Loading the batch is not counted.
+``PretrainTrainer`` (the real DDP wrapper, optimizer, hooks and metric writing); its first two
+steps, on 2 and on 3 images per process, are counted with
+:class:`regionssl.utils.host_reads.HostReadCounter` (what counts as a read, and how the CPU run
+tells host from device tensors, is in its docstring). Loading the batch is not counted. SwAV's
+prototypes are frozen in the first step only, and its queue is used (full) in the second.
 
     python bench/sync_counts.py                  # prints the table, 1 and 2 processes
     python bench/sync_counts.py --where          # also where each read happens
     python bench/sync_counts.py --out bench/SYNC_COUNTS.md --label after
 
-``tests/test_sync_budget.py`` imports this file and asserts the budget.
+``tests/test_gpu_readiness.py`` imports this file and asserts the budget.
 """
 import argparse
+import hashlib
 import json
 import logging
 import os
+import random
 import sys
 import tempfile
 
@@ -40,22 +42,26 @@ QUICK = os.path.join(REPO, "configs", "quick_schedules")
 R18 = ["MODEL.RESNETS.DEPTH", 18, "MODEL.RESNETS.RES2_OUT_CHANNELS", 64]
 SMALL = ["MODEL.DEVICE", "cpu", "INPUT.REGIONSSL.CROP_SIZE", 64, "SOLVER.MAX_ITER", 1000,
          "SOLVER.CHECKPOINT_PERIOD", 100000, "VIS_PERIOD", 0, "TEST.REGIONSSL.PROBE_PERIOD", 0]
+# narrow heads: the reads do not depend on widths, the run time does
 HEADS = ["MODEL.REGIONSSL.PROJECTOR.HIDDEN_DIM", 64, "MODEL.REGIONSSL.PREDICTOR.HIDDEN_DIM", 64]
-SWAV = ["INPUT.REGIONSSL.MULTI_CROP.SIZES", [64, 32], "MODEL.REGIONSSL.SWAV.QUEUE_START_ITER", 0]
+FPN = ["MODEL.FPN.OUT_CHANNELS", 64, "MODEL.ROI_BOX_HEAD.CONV_DIM", 64, "MODEL.ROI_BOX_HEAD.FC_DIM", 128]
+# queue written from the first step and full (used) from the second
+SWAV = ["INPUT.REGIONSSL.MULTI_CROP.SIZES", [64, 32], "MODEL.REGIONSSL.SWAV.QUEUE_START_ITER", 0,
+        "MODEL.REGIONSSL.SWAV.QUEUE_LENGTH", 2]
 # name -> (config, extra options)
 METHODS = {
-    "InsLoc-C4": ("insloc_c4_instant_test.yaml", ["INPUT.REGIONSSL.COPY_PASTE.FG_SIZE", [24, 60]]),
-    "InsLoc-FPN": ("insloc_fpn_instant_test.yaml", ["INPUT.REGIONSSL.COPY_PASTE.FG_SIZE", [24, 60]]),
-    "ReSim-C4": ("resim_c4_instant_test.yaml", ["INPUT.REGIONSSL.WINDOWS.SIZES", [24], "INPUT.REGIONSSL.WINDOWS.STRIDES", [16]]),
-    "ReSim-FPN": ("resim_fpn_instant_test.yaml", []),
+    "InsLoc-C4": ("insloc_c4_instant_test.yaml", HEADS + ["INPUT.REGIONSSL.COPY_PASTE.FG_SIZE", [24, 60]]),
+    "InsLoc-FPN": ("insloc_fpn_instant_test.yaml", HEADS + FPN + ["INPUT.REGIONSSL.COPY_PASTE.FG_SIZE", [24, 60]]),
+    "ReSim-C4": ("resim_c4_instant_test.yaml", HEADS + ["INPUT.REGIONSSL.WINDOWS.SIZES", [24], "INPUT.REGIONSSL.WINDOWS.STRIDES", [16]]),
+    "ReSim-FPN": ("resim_fpn_instant_test.yaml", HEADS + FPN),
     "SCRL": ("scrl_instant_test.yaml", HEADS + ["INPUT.REGIONSSL.INTERSECTION.MIN_SIZE", 16]),
-    "SwAV": ("swav_instant_test.yaml", SWAV),
-    "SwAV-region": ("swav_region_instant_test.yaml", SWAV),
+    "SwAV": ("swav_instant_test.yaml", HEADS + SWAV),
+    "SwAV-region": ("swav_region_instant_test.yaml", HEADS + SWAV),
     "CVSA": ("cvsa_instant_test.yaml", HEADS),
-    "MoCo-v2": ("mocov2_instant_test.yaml", []),
+    "MoCo-v2": ("mocov2_instant_test.yaml", HEADS),
     "BYOL": ("byol_instant_test.yaml", HEADS),
 }
-WARMUP, SIZES = 4, (2, 4)  # images per process
+SIZES = (2, 3)  # images per process of the two counted steps
 
 
 def method_cfg(name, out_dir, world_size=1):
@@ -67,6 +73,7 @@ def method_cfg(name, out_dir, world_size=1):
 def mapped_batches(cfg, sizes, seed):
     """One list of mapper outputs per entry of ``sizes`` (demo photos, seeded)."""
     dicts = get_pretrain_dataset_dicts(cfg.DATASETS.TRAIN)
+    random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
     mapper = RegionSSLDatasetMapper(cfg, dataset_dicts=dicts)
@@ -82,23 +89,31 @@ def mapped_batches(cfg, sizes, seed):
     return out
 
 
+def state_digest(model):
+    """{state_dict key: sha1 of its bytes} (the tests compare it across ranks at step 0)."""
+    module = getattr(model, "module", model)
+    return {k: hashlib.sha1(v.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+            for k, v in module.state_dict().items()}
+
+
 def measure(name, out_dir):
-    """Reads of the counted steps of method ``name`` in this process group: list of (size, total, where)."""
+    """Method ``name`` in this process group: {"counts": [(size, total, where)] of the counted
+    steps, "state": :func:`state_digest` of the trainer's model before the first step}."""
     for handler in setup_logger().handlers:  # the trainer's model printout and info lines
         handler.setLevel(logging.WARNING)
     cfg = method_cfg(name, out_dir, comm.get_world_size())
     torch.manual_seed(comm.get_rank())  # ranks build different initial weights, as with SEED -1
     trainer = PretrainTrainer(cfg)
-    batches = mapped_batches(cfg, (WARMUP,) + SIZES, seed=17 + comm.get_rank())
-    results = []
+    state = state_digest(trainer.model)
+    batches = mapped_batches(cfg, SIZES, seed=17 + comm.get_rank())
+    counts = []
     with EventStorage(0) as trainer.storage:
         trainer.iter = trainer.start_iter = 0
         trainer.before_train()
-        for size, batch in zip((None,) + SIZES, batches):
+        for size, batch in zip(SIZES, batches):
             counter = count_trainer_step(trainer, batch)
-            if size is not None:
-                results.append((size, counter.total, dict(counter.where)))
-    return results
+            counts.append((size, counter.total, dict(counter.where)))
+    return {"counts": counts, "state": state}
 
 
 def _worker(names, out_dir):
@@ -108,13 +123,16 @@ def _worker(names, out_dir):
 
 
 def run(names, processes):
-    """{name: [(size, total, where), ...]} of rank 0, with ``processes`` gloo processes."""
+    """Per rank, {name: :func:`measure`'s result}, with ``processes`` gloo processes."""
     with tempfile.TemporaryDirectory() as tmp:
         if processes == 1:
-            return {name: measure(name, os.path.join(tmp, name)) for name in names}
+            return [{name: measure(name, os.path.join(tmp, name)) for name in names}]
         launch(_worker, processes, dist_url=f"tcp://127.0.0.1:{_find_free_port()}", args=(list(names), tmp))
-        with open(os.path.join(tmp, "rank0.json")) as f:
-            return json.load(f)
+        out = []
+        for rank in range(processes):
+            with open(os.path.join(tmp, f"rank{rank}.json")) as f:
+                out.append(json.load(f))
+        return out
 
 
 def main():
@@ -126,17 +144,17 @@ def main():
     parser.add_argument("--label", default="", help="heading of the appended table")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    table = {p: run(args.methods, p) for p in args.processes}
+    table = {p: run(args.methods, p)[0] for p in args.processes}  # rank 0
     sizes = " | ".join(f"{p} proc, {s} img" for p in args.processes for s in SIZES)
     lines = [f"| method | {sizes} |", "|---|" + "---|" * (len(args.processes) * len(SIZES))]
     for name in args.methods:
-        counts = [str(total) for p in args.processes for _, total, _ in table[p][name]]
+        counts = [str(total) for p in args.processes for _, total, _ in table[p][name]["counts"]]
         lines.append(f"| {name} | " + " | ".join(counts) + " |")
     print("\n".join(lines))
     if args.where:
         for p in args.processes:
             for name in args.methods:
-                for size, total, where in table[p][name]:
+                for size, total, where in table[p][name]["counts"]:
                     print(f"\n{name}, {p} process(es), {size} images/process: {total} reads")
                     for loc, n in sorted(where.items(), key=lambda kv: -kv[1]):
                         print(f"  {n:4d}  {loc}")

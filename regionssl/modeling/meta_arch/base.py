@@ -64,7 +64,7 @@ class RegionSSLBase(nn.Module):
         # Diagnostics of the step, read from the device together (see ``log``/``flush_logs``).
         # True when a trainer flushes them with its loss values (PretrainTrainer); else forward does.
         self.defer_log_flush = False
-        self._pending_logs = []
+        self._pending_logs, self._in_forward = [], False
 
     @classmethod
     def from_config(cls, cfg):
@@ -175,9 +175,10 @@ class RegionSSLBase(nn.Module):
     def log(self, **scalars):
         """Put diagnostics under ``regionssl/<name>`` in the EventStorage (if a trainer runs).
 
-        Tensor values are kept on the device: :meth:`flush_logs` reads all of a step's values with
-        one device -> host copy (at the end of ``forward``, or with the losses when a trainer
-        defers it), instead of one GPU sync per scalar.
+        During ``forward`` tensor values stay on the device: :meth:`flush_logs` reads all of a
+        step's values with one device -> host copy (at the end of ``forward``, or with the losses
+        when a trainer defers it), instead of one GPU sync per scalar. Outside ``forward`` (a helper
+        called directly) they are put right away.
         """
         try:
             storage = get_event_storage()
@@ -186,6 +187,8 @@ class RegionSSLBase(nn.Module):
         for k, v in scalars.items():
             value = v.detach().float().reshape(()) if torch.is_tensor(v) else float(v)
             self._pending_logs.append((f"regionssl/{k}", value, storage.iter))
+        if not (self._in_forward or self.defer_log_flush):
+            self.flush_logs()
 
     def flush_logs(self, extra=()):
         """Put the pending diagnostics into the EventStorage; return ``extra`` scalars as floats.
@@ -236,7 +239,11 @@ class RegionSSLBase(nn.Module):
             )
         if not isinstance(batched_inputs[0], dict) or "views" not in batched_inputs[0]:
             raise ValueError("Pretraining models need the regionssl mapper's output (dicts with 'views')")
-        losses = self.losses(batched_inputs)
+        self._in_forward = True
+        try:
+            losses = self.losses(batched_inputs)
+        finally:
+            self._in_forward = False
         if not self.defer_log_flush:
             self.flush_logs()
         self._fallback_iter += 1

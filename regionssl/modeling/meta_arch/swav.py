@@ -94,9 +94,10 @@ class SwAV(RegionSSLBase):
         # (|S|, L, D) embeddings of the assigned crops, newest first; identical on every rank.
         self.register_buffer("queue", torch.zeros(len(self.crops_for_assign), queue_length, dim))
         self.register_buffer("queue_fill", torch.zeros((), dtype=torch.long))  # rows written (<= L)
-        # Host copy of queue_fill, so deciding to use the queue needs no GPU sync each step: read
-        # once after construction or loading (the load hook forgets it), then kept in step.
-        self._queue_fill_host = None
+        # Host copy of queue_fill, so deciding to use the queue needs no GPU sync each step: 0 at
+        # construction, read once after loading (the load hook forgets it), then kept in step.
+        # The buffer is written only here and by load_state_dict.
+        self._queue_fill_host = 0
         self._register_load_state_dict_pre_hook(_forget_host_queue_fill, with_module=True)
         self.region_pooler = region_pooler
 
@@ -149,7 +150,7 @@ class SwAV(RegionSSLBase):
 
     # ---------------------------------------------------------------- queue
     def queue_rows_written(self):
-        """``queue_fill`` as a host int (read from the device once after construction/loading)."""
+        """``queue_fill`` as a host int (read from the device once after loading a state)."""
         if self._queue_fill_host is None:
             self._queue_fill_host = int(self.queue_fill)
         return self._queue_fill_host
