@@ -135,8 +135,10 @@ class _Trainer(DefaultTrainer):
         if name == "LARS":
             from ..solver import LARS, build_lars_param_groups
 
+            s = cfg.SOLVER.REGIONSSL
             groups = build_lars_param_groups(
-                model, cfg.SOLVER.BASE_LR, cfg.SOLVER.WEIGHT_DECAY, cfg.SOLVER.REGIONSSL.LARS_EXCLUDE_BIAS_AND_NORM
+                model, cfg.SOLVER.BASE_LR, cfg.SOLVER.WEIGHT_DECAY, s.LARS_EXCLUDE_BIAS_AND_NORM,
+                exclude_names=s.LARS_EXCLUDE_NAMES, grad_times_lr=s.LARS_EXCLUDED_GRAD_TIMES_LR,
             )
             opt = LARS(groups, lr=cfg.SOLVER.BASE_LR, momentum=cfg.SOLVER.MOMENTUM, eta=cfg.SOLVER.REGIONSSL.LARS_TRUST)
             return maybe_add_gradient_clipping(cfg, opt)
@@ -156,9 +158,9 @@ class PretrainTrainer(_Trainer):
 
     @classmethod
     def build_train_loader(cls, cfg):
-        from .hooks import RememberLastBatch
+        from .hooks import CollectSkippedFiles, RememberLastBatch
 
-        loader = build_pretrain_train_loader(cfg)
+        loader = CollectSkippedFiles(build_pretrain_train_loader(cfg))  # counts unreadable files
         return RememberLastBatch(loader) if cfg.VIS_PERIOD > 0 else loader
 
     def build_hooks(self):

@@ -8,7 +8,7 @@ __all__ = ["MLP", "NaiveSyncBatchNorm1d"]
 class NaiveSyncBatchNorm1d(NaiveSyncBatchNorm):
     """Detectron2's all-reduce SyncBN for (N, C) inputs (it only takes (N, C, H, W)).
 
-    For several CPU processes, where ``nn.SyncBatchNorm`` refuses CPU tensors (DESIGN.md §4).
+    For several CPU processes, where ``nn.SyncBatchNorm`` refuses CPU tensors (docs/design.md, Distributed).
     Same parameters and buffers as ``nn.BatchNorm1d``, so checkpoints load across norms.
     Statistics are weighted by each process's row count (``stats_mode="N"``), as
     ``nn.SyncBatchNorm`` does: exact when processes hold different numbers of rows (SCRL's boxes),

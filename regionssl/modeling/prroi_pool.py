@@ -3,7 +3,7 @@
 PrRoIPool (Jiang et al., "Acquisition of Localization Confidence for Accurate Object Detection",
 ECCV'18) pools a box as the *exact integral* of the bilinearly interpolated feature map divided by
 the box area. ReSim (Xiao et al., ICCV'21) pools its sliding windows with a 1x1 PrRoIPool, but the
-official op (``vacancy/PreciseRoIPooling``) is a CUDA-only JIT extension (METHODS.md §1 item 10).
+official op (``vacancy/PreciseRoIPooling``) is a CUDA-only JIT extension (docs/methods/resim.md).
 
 For a 1x1 output the integral factorises per axis. With the hat basis
 ``phi_k(x) = max(0, 1 - |x - k|)`` the interpolant is

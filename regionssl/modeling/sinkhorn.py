@@ -1,4 +1,4 @@
-"""SwAV's Sinkhorn-Knopp code assignment and swapped-prediction loss (METHODS.md §5.2).
+"""SwAV's Sinkhorn-Knopp code assignment and swapped-prediction loss (docs/methods/swav.md).
 
 Official algorithm (``facebookresearch/swav``, ``main_swav.py`` ``distributed_sinkhorn``), with
 scores ``z C^T`` of shape (B_local, K), B = B_local * world_size::
@@ -91,7 +91,7 @@ def sinkhorn_knopp(scores, epsilon, num_iters, world_size_reduce=True):
 
 
 def swav_loss(scores_per_crop, codes_per_assigned_crop, crops_for_assign, temperature):
-    """SwAV swapped-prediction loss (METHODS.md §5.2).
+    """SwAV swapped-prediction loss (docs/methods/swav.md).
 
     ``L = 1/|S| sum_{s in S} 1/(V-1) sum_{v != s} -mean_b sum_k q_s[b, k] log p_v[b, k]`` with
     ``p_v = softmax(z_v C^T / tau)`` over the K prototypes.

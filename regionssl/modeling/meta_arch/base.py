@@ -1,6 +1,6 @@
 """What every regionssl pretraining meta-architecture shares.
 
-Module names (the checkpoint contract, DESIGN.md §3):
+Module names (the checkpoint contract, docs/design.md):
 
 * online encoder: ``backbone.*`` and, when the variant pretrains them, ``roi_heads.res5.*`` (C4)
   or ``roi_heads.box_head.*`` (FPN) — exactly the detector's names, so a pretraining checkpoint

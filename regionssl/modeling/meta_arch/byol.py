@@ -1,4 +1,4 @@
-"""BYOL learning rule (Grill et al. 2020; METHODS.md §7) shared by BYOL and SCRL.
+"""BYOL learning rule (Grill et al. 2020; docs/methods/byol.md) shared by BYOL and SCRL.
 
 Online network: encoder f_theta -> projector g_theta -> predictor q_theta. Target network:
 f_xi -> g_xi, an exponential moving average of (f_theta, g_theta) with no gradient. Loss on
@@ -43,7 +43,7 @@ class BYOLBase(RegionSSLBase):
 
     Target initialisation: the target (``momentum.*``) is a copy of the online encoder and
     projector, made by ``build_momentum("projector")``. Neither official code does this: SCRL's
-    ``trainer/trainer.py`` calls ``_initialize_target_network(from_online=False)`` (METHODS §1.9),
+    ``trainer/trainer.py`` calls ``_initialize_target_network(from_online=False)`` (docs/methods/scrl.md),
     and official BYOL's ``_make_initial_state`` draws target parameters from a different RNG key
     (its comment: no significant difference with the same key). We copy, as MoCo, InsLoc, ReSim,
     PixPro and SoCo do: the target is then the EMA of the online network from step 0 instead of

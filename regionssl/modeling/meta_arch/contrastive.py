@@ -1,16 +1,21 @@
 """MoCo-style learning rule shared by InsLoc, MoCo-v2 and ReSim's instance branch.
 
 Query q from the online encoder, key k from the momentum encoder (shuffle-BN), negatives from
-one queue per level, loss InfoNCE with temperature T (He et al. 2020; Chen et al. 2020).
+one queue per level, loss InfoNCE with temperature T (He et al. 2020; Chen et al. 2020). With
+``MODEL.REGIONSSL.QUEUE.SIZE 0`` there is no queue: the negatives of a query are the other keys of
+the global batch, as in MoCo v3 (Chen, Xie, He, ICCV'21), so positive and negatives always come
+from the same key encoder (no stale negatives; see docs/probe.md for why small runs need it).
 """
 import torch
 import torch.nn.functional as F
 from detectron2.config import configurable
+from detectron2.utils import comm
 
-from ...utils.distributed import world_size
+from ...config import per_level
+from ...utils.distributed import all_gather_cat, world_size
 from ..encoders import ShufflePlan, shuffled_forward, split_forward
 from ..heads import MLP
-from ..losses import info_nce
+from ..losses import info_nce, info_nce_in_batch
 from ..queues import KeyQueues
 from .base import RegionSSLBase
 
@@ -22,7 +27,8 @@ class ContrastiveBase(RegionSSLBase):
 
     Extra args:
         projector: g, MLP from the region feature dim C to D (MoCo-v2: 2048-2048-128).
-        queue_size: K negatives per level (65536).
+        queue_size: K negatives per level (65536); 0 = no queue, the other keys of the global
+            batch are the negatives (MoCo v3).
         temperature: T (0.2).
         level_weights: w_l per level (InsLoc: all 1).
         shuffle_bn: shuffle keys across processes before the key encoder (MoCo).
@@ -41,14 +47,16 @@ class ContrastiveBase(RegionSSLBase):
         )
         self.level_weights = list(level_weights)
         self.temperature, self.shuffle_bn, self.bn_splits = temperature, shuffle_bn, bn_splits
-        self.queues = KeyQueues(len(self.levels), projector[-1].out_features, queue_size)
+        self.queues = KeyQueues(len(self.levels), projector[-1].out_features, queue_size) if queue_size > 0 else None
 
     @classmethod
     def from_config(cls, cfg):
         args = super().from_config(cfg)
         r = cfg.MODEL.REGIONSSL
-        levels = 1 if cls.is_global else len(r.IN_FEATURES)
-        weights = list(r.LEVEL_WEIGHTS) if len(r.LEVEL_WEIGHTS) == levels else [1.0] * levels
+        if cls.is_global:
+            weights = per_level("MODEL.REGIONSSL.LEVEL_WEIGHTS", r.LEVEL_WEIGHTS, ["global"], "the image-level loss")
+        else:
+            weights = per_level("MODEL.REGIONSSL.LEVEL_WEIGHTS", r.LEVEL_WEIGHTS, r.IN_FEATURES)
         args.update(
             projector=MLP(args["feature_dim"], r.PROJECTOR.HIDDEN_DIM, r.PROJECTOR.OUT_DIM, r.PROJECTOR.NORM),
             queue_size=r.QUEUE.SIZE,
@@ -113,10 +121,17 @@ class ContrastiveBase(RegionSSLBase):
         """
         losses = {}
         for l, level in enumerate(self.levels):
-            loss, logits = info_nce(q[l], k[l], self.queues.negatives(l), self.temperature)
+            if self.queues is None:  # MoCo v3: the other keys of the global batch are the negatives
+                keys, key_counts = all_gather_cat(k[l].detach(), key_counts)  # (M, D), rank order
+                start = sum(key_counts[: comm.get_rank()])
+                own = torch.arange(start, start + k.shape[1], device=keys.device)
+                loss, logits = info_nce_in_batch(q[l], keys, own, self.temperature)
+                self.log_contrast(level, logits, q[l])
+            else:
+                loss, logits = info_nce(q[l], k[l], self.queues.negatives(l), self.temperature)
+                self.log_contrast(level, logits, q[l], queue_fill=self.queues.fill_fraction(l))
+                key_counts = self.queues.enqueue(l, k[l], key_counts)  # known after the first level
             losses[f"loss_{prefix}_{level}"] = self.level_weights[l] * loss
-            self.log_contrast(level, logits, q[l], queue_fill=self.queues.fill_fraction(l))
-            key_counts = self.queues.enqueue(l, k[l], key_counts)  # known after the first level
         self.log(num_pairs=q.shape[1], momentum=self.current_momentum())
         return losses
 

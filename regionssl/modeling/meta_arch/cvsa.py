@@ -1,7 +1,7 @@
 """CVSA — Cross-view Saliency Alignment (Wu, Li, Zang, Li; BMVC'21, arXiv 2106.15788).
 
-No official code exists (METHODS.md §3); this file is the reference implementation. What
-follows the paper and what is ours is listed in ``docs/cvsa.md``. In short:
+No official code exists (docs/methods/cvsa.md); this file is the reference implementation. What
+follows the paper and what is ours is listed in ``docs/methods/cvsa.md``. In short:
 
 * stage 1 is plain BYOL (``configs/byol.yaml``); stage 2 (this model) starts from that checkpoint
   (``MODEL.WEIGHTS``) and trains on ``SaliencySwap`` views (``regionssl/data/saliency.py``);

@@ -1,4 +1,4 @@
-"""ReSim: Region Similarity Representation Learning (Xiao et al., ICCV'21), METHODS.md §6.
+"""ReSim: Region Similarity Representation Learning (Xiao et al., ICCV'21), docs/methods/resim.md.
 
 Two views with one shared flip (``TwoCropsSharedFlip``); sliding windows laid on the query view
 (``SlidingWindows``: group g <-> ``MODEL.REGIONSSL.IN_FEATURES[g]``) and moved into the key view;
@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
 
+from ...config import per_level
 from ...utils.distributed import all_gather_cat, to_device, world_size
 from ..encoders import RegionPooler, boxes_to_rois, build_trunk, shuffled_forward
 from ..heads import MLP
@@ -168,11 +169,9 @@ class ReSim(ContrastiveBase):
         shapes = backbone.output_shape()
         missing = [f for f in levels if f not in shapes]
         assert not missing, f"MODEL.REGIONSSL.IN_FEATURES {missing} not produced by the backbone ({list(shapes)})"
-        n = len(levels)
-        if cfg.INPUT.REGIONSSL.REGION_SAMPLER == "SlidingWindows":
-            assert len(cfg.INPUT.REGIONSSL.WINDOWS.SIZES) == n, "one window set (group g) per IN_FEATURES[g]"
-        gather = list(r.RESIM.GATHER_NEGATIVES)
-        assert len(gather) == n, f"MODEL.REGIONSSL.RESIM.GATHER_NEGATIVES needs {n} entries, got {gather}"
+        if cfg.INPUT.REGIONSSL.REGION_SAMPLER == "SlidingWindows":  # window group g <-> IN_FEATURES[g]
+            per_level("INPUT.REGIONSSL.WINDOWS.SIZES", cfg.INPUT.REGIONSSL.WINDOWS.SIZES, levels)
+        gather = per_level("MODEL.REGIONSSL.RESIM.GATHER_NEGATIVES", r.RESIM.GATHER_NEGATIVES, levels)
         return {
             "backbone": backbone,
             "roi_heads": roi_heads,
@@ -190,7 +189,7 @@ class ReSim(ContrastiveBase):
             "shuffle_bn": r.SHUFFLE_BN,
             "region_features": levels,
             "region_strides": [shapes[f].stride for f in levels],
-            "region_weights": list(r.LEVEL_WEIGHTS) if len(r.LEVEL_WEIGHTS) == n else [1.0] * n,
+            "region_weights": per_level("MODEL.REGIONSSL.LEVEL_WEIGHTS", r.LEVEL_WEIGHTS, levels),
             "gather_negatives": gather,
             "negative_pool": r.RESIM.NEGATIVE_POOL,
         }

@@ -1,4 +1,4 @@
-"""SwAV: Swapping Assignments between Views (Caron et al., NeurIPS'20), METHODS.md §5.
+"""SwAV: Swapping Assignments between Views (Caron et al., NeurIPS'20), docs/methods/swav.md.
 
 Each crop v of an image is embedded, ``z_v = normalize(g(avgpool(res5(x_v))))`` (g: MLP
 2048-2048(BN, ReLU)-128), and scored against K_c prototypes ``C`` (``nn.Linear(128, K_c, bias=False)``,
