@@ -4,9 +4,11 @@
   detector has (``backbone.*``; C4: ``roi_heads.res5``; FPN box head: ``roi_heads.box_head``).
 * :func:`momentum_at` gives the EMA coefficient as a function of the global iteration.
 * :func:`make_momentum_copy` / :func:`ema_update` keep the target (key) encoder.
-* :func:`shuffled_forward` is MoCo's shuffle-BN generalised to images *and* their boxes;
-  :func:`split_forward` runs a batch in groups (per-group BatchNorm, one-process shuffle-BN).
-* :class:`RegionPooler` turns backbone features and boxes into one vector per region and level.
+* :func:`shuffled_forward` is MoCo's shuffle-BN generalised to images *and* their boxes, routed
+  by a :class:`ShufflePlan` with ``all_to_all``; :func:`split_forward` runs a batch in groups
+  (per-group BatchNorm, one-process shuffle-BN).
+* :class:`RegionPooler` turns backbone features and boxes into one vector per region and level
+  (:func:`boxes_to_rois`: RoI rows without a device sync).
 """
 import copy
 import math
