@@ -90,17 +90,24 @@ def image_tiles(image, grid):
 
 @contextmanager
 def _seeded(seed):
-    """Seed python/numpy/torch RNGs inside, restore the previous states on exit."""
-    states = random.getstate(), np.random.get_state(), torch.get_rng_state()
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    try:
-        yield
-    finally:
-        random.setstate(states[0])
-        np.random.set_state(states[1])
-        torch.set_rng_state(states[2])
+    """Seed the python, numpy and torch CPU generators inside; restore their states on exit.
+
+    Only host generators are seeded: the probe draws its views on the CPU. ``torch.manual_seed``
+    would also reseed every GPU generator (or, before CUDA starts, queue that seed for it) without
+    restoring them, so GPU draws of the training (shuffle-BN permutations) would restart from the
+    same sequence after every probe, and a resumed run would differ from an uninterrupted one.
+    ``fork_rng(devices=[])`` saves and restores the CPU generator only, and touches no device.
+    """
+    states = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.default_generator.manual_seed(seed)
+        try:
+            yield
+        finally:
+            random.setstate(states[0])
+            np.random.set_state(states[1])
 
 
 def retrieval_accuracy(a, b, image_ids=None):

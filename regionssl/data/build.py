@@ -1,6 +1,7 @@
 """The pretraining data loader: Detectron2's train loader over image-only dicts + our mapper."""
 import logging
 
+import torch
 from detectron2.data import build_detection_train_loader, get_detection_dataset_dicts
 
 from .datasets import ensure_registered
@@ -25,6 +26,8 @@ def build_pretrain_train_loader(cfg, mapper=None):
     """Infinite loader of lists of mapped dicts (``cfg.SOLVER.IMS_PER_BATCH`` in total per step).
 
     Aspect-ratio grouping is off: every view has a fixed size, so grouping would only reorder.
+    Batches are pinned when the model runs on CUDA, so the model's non-blocking copies of views
+    and boxes are asynchronous; on CPU nothing is pinned (and PyTorch has nothing to warn about).
     """
     dicts = get_pretrain_dataset_dicts(cfg.DATASETS.TRAIN)
     if mapper is None:
@@ -36,4 +39,5 @@ def build_pretrain_train_loader(cfg, mapper=None):
         total_batch_size=cfg.SOLVER.IMS_PER_BATCH,
         aspect_ratio_grouping=False,
         num_workers=cfg.DATALOADER.NUM_WORKERS,
+        pin_memory=cfg.MODEL.DEVICE.startswith("cuda") and torch.cuda.is_available(),
     )

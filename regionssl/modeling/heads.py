@@ -10,7 +10,14 @@ class NaiveSyncBatchNorm1d(NaiveSyncBatchNorm):
 
     For several CPU processes, where ``nn.SyncBatchNorm`` refuses CPU tensors (docs/design.md, Distributed).
     Same parameters and buffers as ``nn.BatchNorm1d``, so checkpoints load across norms.
+    Statistics are weighted by each process's row count (``stats_mode="N"``), as
+    ``nn.SyncBatchNorm`` does: exact when processes hold different numbers of rows (SCRL's boxes),
+    and a process with 0 rows still joins the all-reduce (``stats_mode=""`` would assert).
     """
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("stats_mode", "N")
+        super().__init__(*args, **kwargs)
 
     def forward(self, x):
         return super().forward(x[:, :, None, None])[:, :, 0, 0]

@@ -32,18 +32,24 @@ class KeyQueues(nn.Module):
         return self.queue[level].clone().detach()
 
     @torch.no_grad()
-    def enqueue(self, level, keys):
-        """Append ``keys`` (N, D) of this process (and of every other process) to queue ``level``."""
-        keys, _ = all_gather_cat(keys.detach().to(self.queue.dtype))
+    def enqueue(self, level, keys, counts=None):
+        """Append ``keys`` (N, D) of this process (and of every other process) to queue ``level``.
+
+        ``counts``: every rank's N if known (host ints); otherwise exchanged (one host read).
+        Returns the counts, for the next call of the step.
+        """
+        keys, counts = all_gather_cat(keys.detach().to(self.queue.dtype), counts)
         n = keys.shape[0]
         if n == 0:
-            return
+            return counts
         if n > self.size:  # only the newest K keys can stay
             keys, n = keys[-self.size :], self.size
         idx = (self.ptr[level] + torch.arange(n, device=keys.device)) % self.size
         self.queue[level][:, idx] = keys.t()
         self.ptr[level] = (self.ptr[level] + n) % self.size
         self.fill[level] = torch.clamp(self.fill[level] + n, max=self.size)
+        return counts
 
     def fill_fraction(self, level):
-        return float(self.fill[level]) / self.size
+        """Fraction of queue ``level`` holding real keys: a 0-dim tensor (read when logs are flushed)."""
+        return self.fill[level].float() / self.size

@@ -72,9 +72,8 @@ def sinkhorn_knopp(scores, epsilon, num_iters, world_size_reduce=True):
         logits = scores.float() / epsilon  # (B_local, K) = log of the official exp(scores / eps)
         K = logits.shape[1]
         B = _all_reduce(
-            torch.tensor(float(logits.shape[0]), device=logits.device), dist.ReduceOp.SUM,
-            world_size,
-        )  # global batch size, as a tensor so unequal local batches also work
+            logits.new_full((), float(logits.shape[0])), dist.ReduceOp.SUM, world_size,
+        )  # global batch size, as a tensor so unequal local batches also work (made on the device: no copy)
         # Q /= sum(Q): only matters for num_iters == 0, the first row step cancels it otherwise.
         total = _logsumexp_dim0(torch.logsumexp(logits, dim=1, keepdim=True), world_size)
         log_q = logits - total  # (B_local, K)

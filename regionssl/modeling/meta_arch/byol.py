@@ -133,20 +133,23 @@ class BYOLBase(RegionSSLBase):
         with torch.no_grad():
             self.step_target()
         rows = images.shape[0] if self.pooler.kind == "global" else sum(len(b) for b in boxes)
-        if rows == 0:
-            # Only hand-made inputs get here: the mapper re-draws or skips pairs without a box.
-            # BatchNorm1d cannot run on 0 rows; the step adds a zero loss (zero gradient).
-            logger.warning(f"{type(self).__name__}: batch without any region pair, loss set to 0")
-            zero = sum(f.sum() for f in self.backbone(images).values()) * 0.0
-            return {f"loss_{self.loss_name}": zero}
+        # A process without any pair still runs every network on its 0 rows: their synchronised
+        # BatchNorms (SyncBN, naiveSyncBN) are collectives the other processes wait in, and DDP
+        # expects a gradient (here zero) for every parameter. Only hand-made inputs get here today:
+        # the mapper re-draws or skips pairs without a box.
         z = self.project(self, images, boxes)  # (2R, D)
         p = self.predictor(z)
         with torch.no_grad():
             z_t = self.project(self.momentum, images, boxes)
         r = z.shape[0] // 2
-        loss = self.symmetric_regression(p[:r], p[r:], z_t[:r], z_t[r:])
-        with torch.no_grad():
-            self.log(emb_std=self.embedding_std(z), num_pairs=r, momentum=self.current_momentum())
+        if rows == 0:
+            logger.warning(f"{type(self).__name__}: batch without any region pair, loss set to 0")
+            loss = p.sum() * 0.0  # zero, in the graph of every online parameter
+        else:
+            loss = self.symmetric_regression(p[:r], p[r:], z_t[:r], z_t[r:])
+            with torch.no_grad():
+                self.log(emb_std=self.embedding_std(z))
+        self.log(num_pairs=r, momentum=self.current_momentum())
         return {f"loss_{self.loss_name}": loss}
 
     def losses(self, batched_inputs):

@@ -12,10 +12,9 @@ from detectron2.config import configurable
 from detectron2.utils import comm
 
 from ...config import per_level
-
-from ..encoders import shuffled_forward, split_forward
+from ...utils.distributed import all_gather_cat, world_size
+from ..encoders import ShufflePlan, shuffled_forward, split_forward
 from ..heads import MLP
-from ...utils.distributed import all_gather_cat
 from ..losses import info_nce, info_nce_in_batch
 from ..queues import KeyQueues
 from .base import RegionSSLBase
@@ -75,17 +74,37 @@ class ContrastiveBase(RegionSSLBase):
         z = net.projector(regions.flatten(0, 1)).view(regions.shape[0], regions.shape[1], -1)
         return F.normalize(z, dim=-1)
 
+    def key_plan(self, images, boxes):
+        """The step's :class:`ShufflePlan` for the key batch (one host read), or None where no
+        cross-process shuffle happens. Global methods have one key row per image (no box counts)."""
+        if not self.shuffle_bn or world_size() == 1:
+            return None
+        rows = None if self.pooler.kind == "global" else [len(b) for b in boxes]
+        return ShufflePlan.draw(images.shape[0], rows, images.device)
+
+    def key_counts(self, images, plan):
+        """Key rows of every rank (host ints) if known without an exchange, else None."""
+        if plan is not None:
+            return plan.rows_per_rank()
+        return [images.shape[0]] * world_size() if self.pooler.kind == "global" else None
+
     @torch.no_grad()
-    def key_embed(self, images, boxes):
-        """Momentum-encoder embeddings (L, R, D), computed on a cross-process shuffled batch."""
+    def key_embed(self, images, boxes, plan=None):
+        """Momentum-encoder embeddings (L, R, D), computed on a cross-process shuffled batch.
+
+        ``images`` may be uint8 pixels (exchanged as such, normalised after the shuffle) or a
+        normalised batch; ``plan`` from :meth:`key_plan` (drawn inside if None).
+        """
         levels = len(self.levels)
 
         def encode(im, bx):  # rows = regions, so shuffled_forward can route them back
-            z = self.embed(self.momentum, im, bx)
+            z = self.embed(self.momentum, self.model_input(im), bx)
             return z.transpose(0, 1).reshape(z.shape[1], -1)
 
+        if self.pooler.kind == "global":
+            boxes = None  # one row per image
         if self.shuffle_bn:
-            flat = shuffled_forward(encode, images, boxes, self.bn_splits)
+            flat = shuffled_forward(encode, images, boxes, self.bn_splits, plan)
         else:
             flat = split_forward(encode, images, boxes, self.bn_splits)
         return flat.view(flat.shape[0], levels, -1).transpose(0, 1)
@@ -94,24 +113,25 @@ class ContrastiveBase(RegionSSLBase):
         """Boxes for the query per level; InsLoc overrides this for its jittered P5 box."""
         return self.view_boxes(batched_inputs, 0)
 
-    def contrastive_losses(self, q, k, prefix="contrast"):
+    def contrastive_losses(self, q, k, prefix="contrast", key_counts=None):
         """InfoNCE per level for queries q (L, R, D) and keys k (L, R, D); enqueues k.
 
+        ``key_counts``: the key rows of every rank if known (saves a count exchange per level).
         Returns ``{f"loss_{prefix}_{level}": w_l * L_l}`` and logs accuracy, similarities,
         queue fill and embedding std per level.
         """
         losses = {}
         for l, level in enumerate(self.levels):
             if self.queues is None:  # MoCo v3: the other keys of the global batch are the negatives
-                keys, counts = all_gather_cat(k[l].detach())  # (M, D), rank order
-                start = sum(counts[: comm.get_rank()])
+                keys, key_counts = all_gather_cat(k[l].detach(), key_counts)  # (M, D), rank order
+                start = sum(key_counts[: comm.get_rank()])
                 own = torch.arange(start, start + k.shape[1], device=keys.device)
                 loss, logits = info_nce_in_batch(q[l], keys, own, self.temperature)
                 self.log_contrast(level, logits, q[l])
             else:
                 loss, logits = info_nce(q[l], k[l], self.queues.negatives(l), self.temperature)
                 self.log_contrast(level, logits, q[l], queue_fill=self.queues.fill_fraction(l))
-                self.queues.enqueue(l, k[l])
+                key_counts = self.queues.enqueue(l, k[l], key_counts)  # known after the first level
             losses[f"loss_{prefix}_{level}"] = self.level_weights[l] * loss
         self.log(num_pairs=q.shape[1], momentum=self.current_momentum())
         return losses
@@ -143,5 +163,8 @@ class ContrastiveBase(RegionSSLBase):
         q = self.query_embed(self.view_batch(batched_inputs, 0), self.query_boxes(batched_inputs))
         with torch.no_grad():
             self.update_momentum()
-            k = self.key_embed(self.view_batch(batched_inputs, 1), self.view_boxes(batched_inputs, 1))
-        return self.contrastive_losses(q, k)
+            images = self.view_pixels([d["views"][1] for d in batched_inputs])  # uint8: shuffled as such
+            boxes = self.view_boxes(batched_inputs, 1)
+            plan = self.key_plan(images, boxes)
+            k = self.key_embed(images, boxes, plan)
+        return self.contrastive_losses(q, k, key_counts=self.key_counts(images, plan))
