@@ -47,6 +47,7 @@ from detectron2.utils import comm
 from torch import nn
 
 from ...utils.distributed import all_gather_cat
+from ...utils.micro_batch import is_first_micro_batch, rows_at_step_end
 from ..encoders import RegionPooler
 from ..heads import MLP
 from ..sinkhorn import sinkhorn_knopp, swav_loss
@@ -116,12 +117,18 @@ class SwAV(RegionSSLBase):
         )
         return args
 
+    def batch_coupling(self):
+        return ["Sinkhorn-Knopp spreads the codes of the batch (and queue) evenly over the prototypes: "
+                "the codes of a micro-batch of B/k differ from those the same images get in a batch of B"]
+
     # ---------------------------------------------------------------- prototypes
     def prototypes_frozen(self):
         return self.iteration < self.freeze_prototypes_iters
 
     @torch.no_grad()
     def normalize_prototypes(self):
+        if not is_first_micro_batch():  # once per optimizer step; the weights did not change since
+            return
         w = self.prototypes.weight
         w.copy_(F.normalize(w, dim=1))
 
@@ -169,8 +176,9 @@ class SwAV(RegionSSLBase):
             if use_queue:
                 out = torch.cat([self._queue_scores(i), out])  # (L_r + N, K_c)
             codes.append(sinkhorn_knopp(out, self.epsilon, self.sinkhorn_iters)[-n:])
-            if write:
-                written = self._enqueue(i, z[s])
+            rows = rows_at_step_end(self, i, z[s].detach()) if write else None  # once per optimizer step
+            if rows is not None:
+                written = self._enqueue(i, rows)
         if write:
             self.queue_fill.add_(written).clamp_(max=self.queue_length)
         return codes
