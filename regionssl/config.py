@@ -293,8 +293,8 @@ def _add_test_keys(cfg):
     t.WANDB.RUN_NAME = ""
     t.MLFLOW = CN()
     t.MLFLOW.ENABLED = False
-    # Tracking URI, e.g. "http://mlflow:5000", "sqlite:///mlflow.db", "file:/path/mlruns"
-    # ("" = MLflow's default: $MLFLOW_TRACKING_URI or ./mlruns).
+    # Tracking URI, e.g. "http://mlflow:5000", "sqlite:///mlflow.db", "file:/path/mlruns" (MLflow 3
+    # also wants MLFLOW_ALLOW_FILE_STORE=true for file:) ("" = MLflow's default, $MLFLOW_TRACKING_URI).
     t.MLFLOW.TRACKING_URI = ""
     t.MLFLOW.EXPERIMENT = "regionssl"
     # Run name ("" = the last component of OUTPUT_DIR); the run id is kept in OUTPUT_DIR/mlflow_run_id.
