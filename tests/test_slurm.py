@@ -61,6 +61,7 @@ def _submit(out, main, tmp_path, name):
         "--cluster", "local", "--timeout", "30", "--job-dir", str(tmp_path / f"jobs_{name}"),
         "OUTPUT_DIR", out, "SEED", "0", "SOLVER.IMS_PER_BATCH", "2", "SOLVER.MAX_ITER", "4",
         "SOLVER.CHECKPOINT_PERIOD", "2", "INPUT.REGIONSSL.CROP_SIZE", "64", "MODEL.REGIONSSL.QUEUE.SIZE", "8",
+        "MODEL.RESNETS.DEPTH", "18", "MODEL.RESNETS.RES2_OUT_CHANNELS", "64",  # small checkpoints, fast steps
     ])
     return slurm_launch.submit(args, main)
 

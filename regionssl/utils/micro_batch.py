@@ -14,6 +14,21 @@ once per step must stay once per step, so the update matches one batch of B:
 * SwAV's prototype normalisation runs in the first micro-batch (the weights do not change
   between micro-batches).
 
+Per method:
+
+========================  ==========================================  ==============================
+method                    once per optimizer step                     still per micro-batch
+========================  ==========================================  ==============================
+MoCo-v2, InsLoc, ReSim    EMA (before the keys), key-queue writes     BN statistics (shuffle-BN)
+BYOL, SCRL, CVSA          EMA owed for the previous step (tau_{k-1})  BN statistics
+SwAV (+ region)           prototype normalisation, queue writes       Sinkhorn codes, BN statistics
+========================  ==========================================  ==============================
+
+Schedules (momentum, prototype freezing, queue start) read the global iteration, which counts
+optimizer steps, so they are unchanged. Diagnostics (``regionssl/*``) are logged per micro-batch.
+What stays per micro-batch makes the update differ from the large batch; the trainer refuses such
+configs unless told otherwise (:mod:`regionssl.engine.accumulate`).
+
 Outside accumulation (k = 1, tests, probes) every function behaves as "the only micro-batch".
 """
 import contextlib
