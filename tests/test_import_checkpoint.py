@@ -250,3 +250,23 @@ def test_incomplete_trunk_is_named(tmp_path):
     torch.save(state, src)
     with pytest.raises(UnplacedKeysError, match="no ResNet res5 keys"):
         import_checkpoint(src, str(tmp_path / "x.pth"), "byol")
+
+
+def test_torchvision_resnet50_itself_lands_in_the_detector(tmp_path):
+    """The ``byol`` layout is torchvision's ResNet-50: its real state dict (not one renamed by these
+    tests) lands tensor for tensor, in a C4 detector with res5 under roi_heads."""
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    tv_sd = torchvision.models.resnet50().state_dict()
+    src, dst = str(tmp_path / "resnet50.pth"), str(tmp_path / "imported.pth")
+    torch.save(tv_sd, src)
+    result = import_tool.main([src, dst])
+    assert result["layout"] == "byol" and result["dropped"] == {"classifier": 2}
+    det = _detector(C4_QS, [])
+    RegionSSLCheckpointer(det).load(dst)
+    trunk = {to_trunk_relative(k): v for k, v in det.state_dict().items() if to_trunk_relative(k)}
+    landed = {tv(rel): v for rel, v in trunk.items() if rel != "res5.norm" and not rel.startswith("res5.norm.")}
+    expected = {k: v for k, v in tv_sd.items() if not k.startswith("fc.")}
+    assert set(expected) <= set(landed)
+    for key, value in expected.items():
+        assert torch.equal(landed[key], value), key
