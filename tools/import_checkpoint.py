@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Import an official pretrained checkpoint so our fine-tuning protocols can use it.
+r"""Import an official pretrained checkpoint so our fine-tuning protocols can use it.
 
     python tools/import_checkpoint.py moco_v2_800ep_pretrain.pth.tar imported/mocov2_800ep.pth
     python tools/import_checkpoint.py insloc_fpn_200ep.pth imported/insloc_fpn.pth --layout insloc \

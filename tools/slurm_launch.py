@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Submit any train_net.py run to Slurm through submitit (``pip install submitit``).
+r"""Submit any train_net.py run to Slurm through submitit (``pip install submitit``).
 
     python tools/slurm_launch.py --config-file configs/insloc_fpn.yaml --nodes 4 --gpus-per-node 8 \
         --partition learnfair --timeout 4320 OUTPUT_DIR output/insloc_fpn
@@ -12,6 +12,7 @@ continues from the last checkpoint in OUTPUT_DIR (up to ``--max-requeues`` times
 learning rate follow ``SOLVER.REFERENCE_WORLD_SIZE`` for nodes x GPUs processes. Submission
 files and logs go to ``--job-dir`` (default OUTPUT_DIR/slurm). ``--cluster local`` runs the job on
 this machine through submitit's local executor (same code path, for a dry run).
+``--num-gpus``, ``--num-machines``, ``--machine-rank`` and ``--dist-url`` are set by the job itself.
 """
 import os
 import sys
@@ -41,7 +42,7 @@ def parse_args(argv=None):
     slurm.add_argument("--job-dir", default="", help="submitit folder (default: OUTPUT_DIR/slurm)")
     slurm.add_argument("--max-requeues", type=int, default=30)
     slurm.add_argument("--port", type=int, default=0, help="rendezvous port (default: from the job id)")
-    slurm.add_argument("--cluster", default=None, choices=[None, "slurm", "local", "debug"],
+    slurm.add_argument("--cluster", default=None, choices=["slurm", "local", "debug"],
                        help="submitit executor (default: Slurm if available)")
     return parser.parse_args(argv)
 
