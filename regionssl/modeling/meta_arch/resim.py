@@ -228,7 +228,7 @@ class ReSim(ContrastiveBase):
         return k[None], {f: m.view(-1, *shapes[f]) for f, m in zip(self.region_features, maps)}
 
     def batch_coupling(self):
-        return ["the region negatives are the key maps of the (gathered) batch: a micro-batch has k times fewer, "
+        return super().batch_coupling() + ["the region negatives are the key maps of the (gathered) batch: a micro-batch has k times fewer, "
                 "and the loss averages over the batch's valid windows, whose number varies per image"]
 
     # ---------------------------------------------------------------- losses
