@@ -1,7 +1,8 @@
 """All configuration keys regionssl adds to Detectron2's config.
 
 Model-side keys live under ``MODEL.REGIONSSL``, input-side keys under ``INPUT.REGIONSSL``,
-optimizer keys under ``SOLVER.REGIONSSL`` and probe keys under ``TEST.REGIONSSL``. Nothing is
+optimizer keys under ``SOLVER.REGIONSSL``, and keys that observe a run without changing it (probe,
+experiment tracking) under ``TEST.REGIONSSL``, next to Detectron2's own evaluation keys. Nothing is
 added to Detectron2's own subtrees. Each key carries one comment: meaning, unit/range and the
 paper symbol where there is one. Defaults are the official InsLoc / MoCo-v2 values; method
 leaves under ``configs/`` override what differs.
@@ -255,6 +256,13 @@ def _add_solver_keys(cfg):
     # SCRL's CustomLARS quirk: excluded gradients are multiplied by lr before SGD applies lr again
     # (step lr^2 * g). Only configs/scrl.yaml turns it on (docs/methods/scrl.md).
     s.LARS_EXCLUDED_GRAD_TIMES_LR = False
+    # Gradient accumulation k: each optimizer step runs k micro-batches of IMS_PER_BATCH / k images
+    # and averages their gradients (1 = off). REFERENCE_WORLD_SIZE scaling counts every process as
+    # k processes, so N GPUs with k = 8 / N run an 8-GPU recipe unchanged.
+    s.ACCUMULATE = 1
+    # With ACCUMULATE > 1, run even when the method's update is not the large batch's (BatchNorm,
+    # shuffle-BN, Sinkhorn or in-batch negatives see B/k instead of B); a warning says what differs.
+    s.ACCUMULATE_ALLOW_DIFFERENCE = False
 
 
 def _add_test_keys(cfg):
@@ -273,3 +281,25 @@ def _add_test_keys(cfg):
     # Tiles per side of each probe image (g x g places per image); 0 = the smallest g giving >= 64
     # tiles in all. g > 1 makes regions compete with the other places of their own image.
     t.PROBE_GRID = 0
+
+    # Experiment tracking: scalars of the EventStorage (losses, lr, regionssl/*, probe/*, AP) are also
+    # written to Weights & Biases and/or MLflow, from the main process, every 20 iterations (as the
+    # TensorBoard writer). Off by default; the packages are imported only when enabled.
+    t.WANDB = CN()
+    t.WANDB.ENABLED = False
+    # W&B project and entity ("" = the account's default entity).
+    t.WANDB.PROJECT = "regionssl"
+    t.WANDB.ENTITY = ""
+    # "online", "offline" (files under OUTPUT_DIR/wandb; `wandb sync` later) or "disabled".
+    t.WANDB.MODE = "online"
+    # Run name ("" = the last component of OUTPUT_DIR). The run id is kept in OUTPUT_DIR/wandb_run_id
+    # so a resumed (e.g. requeued) job continues the same run.
+    t.WANDB.RUN_NAME = ""
+    t.MLFLOW = CN()
+    t.MLFLOW.ENABLED = False
+    # Tracking URI, e.g. "http://mlflow:5000", "sqlite:///mlflow.db", "file:/path/mlruns" (MLflow 3
+    # also wants MLFLOW_ALLOW_FILE_STORE=true for file:) ("" = MLflow's default, $MLFLOW_TRACKING_URI).
+    t.MLFLOW.TRACKING_URI = ""
+    t.MLFLOW.EXPERIMENT = "regionssl"
+    # Run name ("" = the last component of OUTPUT_DIR); the run id is kept in OUTPUT_DIR/mlflow_run_id.
+    t.MLFLOW.RUN_NAME = ""

@@ -1,15 +1,32 @@
 """The pretraining data loader: Detectron2's train loader over image-only dicts + our mapper."""
+import itertools
 import logging
 
 import torch
 from detectron2.data import build_detection_train_loader, get_detection_dataset_dicts
+from detectron2.data.samplers import TrainingSampler
 
 from .datasets import ensure_registered
 from .mapper import RegionSSLDatasetMapper
 
-__all__ = ["get_pretrain_dataset_dicts", "build_pretrain_train_loader"]
+__all__ = ["get_pretrain_dataset_dicts", "build_pretrain_train_loader", "ResumableTrainingSampler"]
 
 logger = logging.getLogger(__name__)
+
+
+class ResumableTrainingSampler(TrainingSampler):
+    """Detectron2's ``TrainingSampler`` (same infinite shuffled stream, same seed rule) whose stream
+    can start after the ``skip`` indices this process consumed before a resume.
+
+    ``skip`` and the seed are set by :class:`regionssl.engine.resume.DataStateHook` from the
+    checkpoint before the loader's iterator is created (the loader iterates lazily).
+    """
+
+    skip = 0
+
+    def __iter__(self):
+        start = self._rank + self.skip * self._world_size
+        yield from itertools.islice(self._infinite_indices(), start, None, self._world_size)
 
 
 def get_pretrain_dataset_dicts(names):
@@ -36,6 +53,7 @@ def build_pretrain_train_loader(cfg, mapper=None):
     return build_detection_train_loader(
         dataset=dicts,
         mapper=mapper,
+        sampler=ResumableTrainingSampler(len(dicts)),
         total_batch_size=cfg.SOLVER.IMS_PER_BATCH,
         aspect_ratio_grouping=False,
         num_workers=cfg.DATALOADER.NUM_WORKERS,

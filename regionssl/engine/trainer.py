@@ -26,6 +26,8 @@ from ..checkpoint import FormatTag, RegionSSLCheckpointer
 from ..data.build import build_pretrain_train_loader
 from ..modeling.meta_arch.base import RegionSSLBase
 from ..utils.distributed import broadcast_buffers_from_rank0
+from .accumulate import build_step_runner, micro_batch_cfg
+from .setup import auto_scale_workers
 
 __all__ = ["PretrainTrainer", "FinetuneTrainer", "trainer_for", "is_pretraining", "wrap_ddp", "OneReadStep"]
 
@@ -94,7 +96,8 @@ class _Trainer(DefaultTrainer):
         logger = logging.getLogger("detectron2")
         if not logger.isEnabledFor(logging.INFO):
             setup_logger()
-        cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
+        # REFERENCE_WORLD_SIZE scaling; a process running k accumulated micro-batches counts as k
+        cfg = auto_scale_workers(cfg, comm.get_world_size() * cfg.SOLVER.REGIONSSL.ACCUMULATE)
         model = self.build_model(cfg)
         optimizer = self.build_optimizer(cfg, model)
         data_loader = self.build_train_loader(cfg)
@@ -102,7 +105,8 @@ class _Trainer(DefaultTrainer):
         if find_unused is None:
             find_unused = model.needs_find_unused_parameters()
         model = wrap_ddp(model, find_unused)
-        self._trainer = self.step_trainers[int(bool(cfg.SOLVER.AMP.ENABLED))](model, data_loader, optimizer)
+        # (AMP)SimpleTrainer, or its accumulating version for SOLVER.REGIONSSL.ACCUMULATE > 1
+        self._trainer = build_step_runner(cfg, model, data_loader, optimizer, self.step_trainers)
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
         self.checkpointer = self.build_checkpointer(cfg, model, trainer=weakref.proxy(self))
         self.start_iter = 0
@@ -113,6 +117,16 @@ class _Trainer(DefaultTrainer):
     @classmethod
     def build_checkpointer(cls, cfg, model, **checkpointables):
         return RegionSSLCheckpointer(model, cfg.OUTPUT_DIR, **checkpointables)
+
+    @classmethod
+    def build_train_loader(cls, cfg):
+        return super().build_train_loader(micro_batch_cfg(cfg))  # IMS_PER_BATCH / ACCUMULATE per call
+
+    def build_writers(self):
+        """Detectron2's console/JSON/TensorBoard writers, plus W&B / MLflow when enabled."""
+        from .tracking import build_tracking_writers
+
+        return super().build_writers() + build_tracking_writers(self.cfg)
 
     @classmethod
     def build_lr_scheduler(cls, cfg, optimizer):
@@ -160,17 +174,19 @@ class PretrainTrainer(_Trainer):
     def build_train_loader(cls, cfg):
         from .hooks import CollectSkippedFiles, RememberLastBatch
 
-        loader = CollectSkippedFiles(build_pretrain_train_loader(cfg))  # counts unreadable files
+        loader = CollectSkippedFiles(build_pretrain_train_loader(micro_batch_cfg(cfg)))  # counts unreadable files
         return RememberLastBatch(loader) if cfg.VIS_PERIOD > 0 else loader
 
     def build_hooks(self):
         from .hooks import build_pretrain_hooks
+        from .resume import DataStateHook
 
         ret = [h for h in super().build_hooks() if not isinstance(h, (hooks.EvalHook, hooks.PreciseBN))]
         # writers must stay last so they see what the other hooks logged
         writers = [h for h in ret if isinstance(h, hooks.PeriodicWriter)]
         others = [h for h in ret if not isinstance(h, hooks.PeriodicWriter)]
-        return others + build_pretrain_hooks(self.cfg, self) + writers
+        data_state = DataStateHook(self.cfg.SOLVER.IMS_PER_BATCH // comm.get_world_size())  # exact resume
+        return [data_state] + others + build_pretrain_hooks(self.cfg, self) + writers
 
     @classmethod
     def test(cls, cfg, model, evaluators=None):

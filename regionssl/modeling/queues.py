@@ -4,6 +4,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..utils.distributed import all_gather_cat
+from ..utils.micro_batch import rows_at_step_end
 
 __all__ = ["KeyQueues"]
 
@@ -17,7 +18,8 @@ class KeyQueues(nn.Module):
         fill:  (L,) int64 number of real keys written so far (saturates at K).
 
     ``enqueue`` all-gathers the keys of every process first, so every rank holds the same
-    queue (a rank-0 checkpoint is complete). Writes wrap around; any batch size works.
+    queue (a rank-0 checkpoint is complete). Writes wrap around; any batch size works. With
+    gradient accumulation the keys of all micro-batches are written together after the last one.
     """
 
     def __init__(self, num_levels, dim, size):
@@ -36,9 +38,16 @@ class KeyQueues(nn.Module):
         """Append ``keys`` (N, D) of this process (and of every other process) to queue ``level``.
 
         ``counts``: every rank's N if known (host ints); otherwise exchanged (one host read).
-        Returns the counts, for the next call of the step.
+        Returns the counts, for the next call of the step. Under gradient accumulation the rows of
+        earlier micro-batches wait and are written with the last one (then counts are exchanged).
         """
-        keys, counts = all_gather_cat(keys.detach().to(self.queue.dtype), counts)
+        n_given = keys.shape[0]
+        keys = rows_at_step_end(self, level, keys.detach().to(self.queue.dtype))
+        if keys is None:  # an earlier micro-batch of the step: written with the last one
+            return counts
+        if keys.shape[0] != n_given:  # rows of several micro-batches: the given counts do not apply
+            counts = None
+        keys, counts = all_gather_cat(keys, counts)
         n = keys.shape[0]
         if n == 0:
             return counts

@@ -18,6 +18,7 @@ from detectron2.utils.events import get_event_storage
 from torch import nn
 
 from ...utils.distributed import to_device
+from ...utils.micro_batch import is_first_micro_batch
 from ..encoders import RegionPooler, boxes_to_rois, build_trunk, ema_update, make_momentum_copy, momentum_at
 
 __all__ = ["RegionSSLBase", "trunk_kind_from_cfg"]
@@ -124,9 +125,18 @@ class RegionSSLBase(nn.Module):
 
     @torch.no_grad()
     def update_momentum(self):
+        """EMA of the online into the momentum encoder; once per optimizer step (gradient
+        accumulation: in the first micro-batch only, see :mod:`regionssl.utils.micro_batch`)."""
         m = self.current_momentum()
-        ema_update({name: getattr(self, name) for name in self.momentum.keys()}, self.momentum, m)
+        if is_first_micro_batch():
+            ema_update({name: getattr(self, name) for name in self.momentum.keys()}, self.momentum, m)
         return m
+
+    def batch_coupling(self):
+        """Reasons (strings) why k micro-batches of B/k do not give the update of one batch of B,
+        beyond BatchNorm (which the trainer detects from the modules). Empty: the loss is a mean of
+        per-sample terms. Methods override this (SwAV: Sinkhorn, ReSim: in-batch negatives)."""
+        return []
 
     def view_pixels(self, views):
         """List of (3, H, W) uint8 tensors (one size) -> (N, 3, H, W) uint8 on the model device.

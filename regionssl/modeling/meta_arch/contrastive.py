@@ -113,6 +113,12 @@ class ContrastiveBase(RegionSSLBase):
         """Boxes for the query per level; InsLoc overrides this for its jittered P5 box."""
         return self.view_boxes(batched_inputs, 0)
 
+    def batch_coupling(self):
+        if self.queues is None:
+            return ["without a queue (QUEUE.SIZE 0) the negatives are the other keys of the (gathered) batch: "
+                    "a micro-batch has k times fewer"]
+        return []  # queue writes wait for the last micro-batch (regionssl.utils.micro_batch)
+
     def contrastive_losses(self, q, k, prefix="contrast", key_counts=None):
         """InfoNCE per level for queries q (L, R, D) and keys k (L, R, D); enqueues k.
 

@@ -233,6 +233,10 @@ class ReSim(ContrastiveBase):
             k, *maps = encode(images, None)
         return k[None], dict(zip(self.region_features, maps))
 
+    def batch_coupling(self):
+        return super().batch_coupling() + ["the region negatives are the key maps of the (gathered) batch: a micro-batch has k times fewer, "
+                "and the loss averages over the batch's valid windows, whose number varies per image"]
+
     # ---------------------------------------------------------------- losses
     def region_losses(self, batched_inputs, query_maps, key_maps):
         """``{"loss_region_<level>": w_l L_l}`` over the valid windows of every level.

@@ -35,6 +35,10 @@ class SCRL(BYOLBase):
 
     loss_name = "scrl"
 
+    def batch_coupling(self):
+        return ["the loss averages over the matched boxes of the batch and images have different numbers "
+                "of boxes: the mean of micro-batch means weighs boxes differently from the batch mean"]
+
     @classmethod
     def from_config(cls, cfg):
         args = super().from_config(cfg)

@@ -47,6 +47,7 @@ from detectron2.utils import comm
 from torch import nn
 
 from ...utils.distributed import all_gather_cat
+from ...utils.micro_batch import is_first_micro_batch, rows_at_step_end
 from ..encoders import RegionPooler
 from ..heads import MLP
 from ..sinkhorn import sinkhorn_knopp, swav_loss
@@ -126,6 +127,10 @@ class SwAV(RegionSSLBase):
         )
         return args
 
+    def batch_coupling(self):
+        return ["Sinkhorn-Knopp spreads the codes of the batch (and queue) evenly over the prototypes: "
+                "the codes of a micro-batch of B/k differ from those the same images get in a batch of B"]
+
     # ---------------------------------------------------------------- prototypes
     def needs_find_unused_parameters(self):
         """True while prototypes can be frozen: their scores then use ``C.detach()``, so the weight is
@@ -137,6 +142,8 @@ class SwAV(RegionSSLBase):
 
     @torch.no_grad()
     def normalize_prototypes(self):
+        if not is_first_micro_batch():  # once per optimizer step; the weights did not change since
+            return
         w = self.prototypes.weight
         w.copy_(F.normalize(w, dim=1))
 
@@ -196,8 +203,9 @@ class SwAV(RegionSSLBase):
             if use_queue:
                 out = torch.cat([self._queue_scores(i), out])  # (L_r + N, K_c)
             codes.append(sinkhorn_knopp(out, self.epsilon, self.sinkhorn_iters)[-n:])
-            if write:
-                written = self._enqueue(i, z[s])
+            rows = rows_at_step_end(self, i, z[s].detach()) if write else None  # once per optimizer step
+            if rows is not None:
+                written = self._enqueue(i, rows)
         if write:
             self._queue_fill_host = min(self.queue_rows_written() + written, self.queue_length)
             self.queue_fill.fill_(self._queue_fill_host)
