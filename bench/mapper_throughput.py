@@ -11,7 +11,7 @@ MultiCrop and CopyPaste rows in context: a torchvision multi-crop (2 x 224 + 6 x
 and InsLoc-style composites (three OpenCV decodes per sample, as ``copy_and_paste.py``).
 
 Inputs are JPEG photos of realistic size: the demo photos of the installed packages
-(``regionssl.data.tiny.demo_image_files``) centre-cropped to 4:3, resized to each ``--sizes`` entry and
+(``regionssl.data.demo_images.demo_image_files``) centre-cropped to 4:3, resized to each ``--sizes`` entry and
 saved as JPEG quality 90 in a temporary folder. Pipelines are measured in interleaved rounds
 (A, B, C, ... A, B, C, ...); medians over rounds are reported, and the ratio to torchvision is the
 median of the per-round ratios. The process is pinned to one CPU and every library runs one
@@ -68,7 +68,7 @@ REFERENCES = {
 
 def make_photos(folder, size, limit=None):
     """Demo photos centre-cropped to the aspect of ``size`` = (w, h), resized, saved as JPEG q90."""
-    from regionssl.data.tiny import demo_image_files
+    from regionssl.data.demo_images import demo_image_files
 
     w, h = size
     out = []

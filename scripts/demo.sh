@@ -25,7 +25,7 @@ echo "== [3/4] pictures of view pairs -> $OUT/pictures"
     --num 4 --output "$OUT/pictures" > "$OUT/pictures.log" 2>&1 || { echo "picture command failed, see $OUT/pictures.log"; exit 1; }
 
 echo "== [4/4] fine-tuning Mask R-CNN R50-FPN from the InsLoc checkpoint -> $OUT/finetune"
-"$PY" train_net.py --config-file configs/quick_schedules/finetune_coco_mask_rcnn_R_50_FPN_demo.yaml \
+"$PY" tools/train_net_tiny.py --config-file configs/quick_schedules/finetune_coco_mask_rcnn_R_50_FPN_demo.yaml \
     MODEL.WEIGHTS "$OUT/pretrain/model_final.pth" \
     MODEL.ROI_BOX_HEAD.NAME FastRCNNConvFCHeadExtraNorm MODEL.ROI_BOX_HEAD.NUM_CONV 4 \
     MODEL.ROI_BOX_HEAD.NUM_FC 1 MODEL.ROI_BOX_HEAD.NORM BN \

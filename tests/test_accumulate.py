@@ -19,7 +19,7 @@ from regionssl.engine import PretrainTrainer
 from regionssl.engine.accumulate import AccumulatingTrainer, build_step_runner
 from regionssl.engine.setup import auto_scale_workers
 
-from test_spine import QS, ROOT, cfg_of
+from conftest import QS, ROOT, cfg_of
 
 RECIPE_WORLD_SIZE = {  # GPUs of each official recipe
     "mocov2": 8, "insloc_fpn": 8, "insloc_c4": 8, "resim_fpn": 8, "resim_c4": 8,  # 8 x 32

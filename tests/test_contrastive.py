@@ -5,12 +5,11 @@ functions that write their results to a file the test then compares.
 """
 import math
 import os
-import socket
 
 import pytest
 import torch
 import torch.nn.functional as F
-from detectron2.engine import HookBase, launch
+from detectron2.engine import HookBase
 from detectron2.layers import ROIAlign
 from detectron2.modeling import build_model
 from detectron2.modeling.poolers import convert_boxes_to_pooler_format
@@ -21,29 +20,24 @@ from torch import nn
 import regionssl  # noqa: F401  (registers models and datasets)
 from regionssl.data.build import get_pretrain_dataset_dicts
 from regionssl.data.mapper import RegionSSLDatasetMapper
-from regionssl.engine import PretrainTrainer, get_regionssl_cfg
+from regionssl.engine import PretrainTrainer
 from regionssl.modeling.encoders import ema_update, make_momentum_copy, momentum_at, shuffled_forward, split_forward
 from regionssl.modeling.losses import info_nce, info_nce_in_batch
 from regionssl.modeling.queues import KeyQueues
 
-QUICK = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "quick_schedules")
+from conftest import launch_cpu, qs_cfg
+
 # Tiny views keep every R50 forward/backward to about a second on CPU (FPN needs a multiple of 32).
 TINY = ["MODEL.DEVICE", "cpu", "INPUT.REGIONSSL.CROP_SIZE", 64, "INPUT.REGIONSSL.COPY_PASTE.FG_SIZE", [24, 60]]
 R18 = ["MODEL.RESNETS.DEPTH", 18, "MODEL.RESNETS.RES2_OUT_CHANNELS", 64]
 
 
 def _cfg(name, *opts):
-    return get_regionssl_cfg(os.path.join(QUICK, name), TINY + list(opts))
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return qs_cfg(name, *TINY, *opts)
 
 
 def _launch2(fn, out_dir):
-    launch(fn, 2, dist_url=f"tcp://127.0.0.1:{_free_port()}", args=(str(out_dir),))
+    launch_cpu(fn, (str(out_dir),))
     return [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(2)]
 
 

@@ -1,7 +1,6 @@
 """CVSA: saliency sources, Saliency Swap geometry, the alignment loss, the model, stage-2 loading."""
 import logging
 import math
-import os
 
 import cv2
 import numpy as np
@@ -18,18 +17,10 @@ from regionssl.data.saliency import (
     MaskFileSaliency, SaliencySwap, SpectralResidualSaliency, most_salient_window, spectral_residual_saliency,
     window_side,
 )
-from regionssl.data.tiny import demo_image_files
-from regionssl.engine import get_regionssl_cfg
+from regionssl.data.demo_images import demo_image_files
 from regionssl.modeling.losses import cross_view_attention, saliency_alignment
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-QS = os.path.join(ROOT, "configs", "quick_schedules")
-
-
-def cfg_of(name, *opts):
-    cfg = get_regionssl_cfg(os.path.join(QS, name), list(opts))
-    cfg.MODEL.DEVICE = "cpu"
-    return cfg
+from conftest import qs_cfg as cfg_of
 
 
 def blob_image(h, w, cx, cy, seed=0, sigma=12.0):

@@ -6,27 +6,13 @@ configs, the tiny datasets' registration/metadata and Detectron2's COCO / VOC ev
 import math
 import os
 
-import pytest
-
 from detectron2.config import get_cfg
 from detectron2.engine import DefaultTrainer, hooks
 from detectron2.evaluation import COCOEvaluator, PascalVOCDetectionEvaluator
 from regionssl.config import add_regionssl_config
-from regionssl.data import tiny
 import regionssl.modeling.roi_heads  # noqa: F401  (registers Res5ROIHeadsExtraNorm)
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
-
-
-@pytest.fixture(scope="session")
-def tiny_root(tmp_path_factory):
-    root = str(tmp_path_factory.getbasetemp() / "datasets" / "regionssl_tiny")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("REGIONSSL_DATASETS", root)
-    tiny.register_tiny_datasets(force=True)
-    yield root
-    mp.undo()
-    tiny.register_tiny_datasets(force=True)
 
 
 class Trainer(DefaultTrainer):

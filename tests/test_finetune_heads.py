@@ -13,7 +13,6 @@ from detectron2.modeling import build_model
 from detectron2.modeling.roi_heads import build_box_head, build_roi_heads
 from detectron2.utils.events import EventStorage
 from regionssl.config import add_regionssl_config
-from regionssl.data import tiny
 from regionssl.modeling.roi_heads import FastRCNNConvFCHeadExtraNorm, Res5ROIHeadsExtraNorm
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
@@ -37,17 +36,6 @@ def _extranorm_cfg():
     cfg.MODEL.ROI_BOX_HEAD = copy.deepcopy(_cfg(EXTRANORM_LEAF).MODEL.ROI_BOX_HEAD)
     cfg.MODEL.ROI_BOX_HEAD.NORM = "BN"
     return cfg
-
-
-@pytest.fixture(scope="session")
-def tiny_root(tmp_path_factory):
-    root = str(tmp_path_factory.getbasetemp() / "datasets" / "regionssl_tiny")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("REGIONSSL_DATASETS", root)
-    tiny.register_tiny_datasets(force=True)
-    yield root
-    mp.undo()
-    tiny.register_tiny_datasets(force=True)
 
 
 def _param_names(model):

@@ -19,8 +19,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from detectron2.engine import launch
-from detectron2.engine.launch import _find_free_port
 from detectron2.modeling import build_model
 from detectron2.utils import comm
 from detectron2.utils.events import EventStorage
@@ -32,8 +30,8 @@ from regionssl.engine.trainer import wrap_ddp
 from regionssl.modeling.encoders import shuffled_forward
 from regionssl.utils.host_reads import HostReadCounter
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-QS = os.path.join(ROOT, "configs", "quick_schedules")
+from conftest import QS, ROOT, launch_cpu
+
 R18 = ["MODEL.RESNETS.DEPTH", 18, "MODEL.RESNETS.RES2_OUT_CHANNELS", 64]
 
 
@@ -68,8 +66,7 @@ def _two_process_worker(out_dir):
 def two_process_results(tmp_path_factory):
     out = tmp_path_factory.mktemp("two_processes")
     # timeout: a collective that one rank skips fails within it instead of hanging
-    launch(_two_process_worker, 2, dist_url=f"tcp://127.0.0.1:{_find_free_port()}", args=(str(out),),
-           timeout=timedelta(seconds=120))
+    launch_cpu(_two_process_worker, (str(out),), timeout=timedelta(seconds=120))
     return out
 
 

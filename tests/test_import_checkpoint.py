@@ -5,7 +5,6 @@ import functools
 import os
 import pickle
 import re
-import sys
 
 import pytest
 import torch
@@ -16,10 +15,9 @@ import regionssl  # noqa: F401
 from regionssl.checkpoint import RegionSSLCheckpointer, to_trunk_relative
 from regionssl.checkpoint_import import UnplacedKeysError, import_checkpoint
 
-from test_spine import QS, ROOT, _check_handoff, cfg_of
-
-sys.path.insert(0, os.path.join(ROOT, "tools"))
-import import_checkpoint as import_tool  # noqa: E402
+from conftest import QS, ROOT, cfg_of
+from test_spine import _check_handoff
+import import_checkpoint as import_tool  # tools/
 
 FT = os.path.join(ROOT, "configs", "finetune")
 FPN_QS = os.path.join(QS, "finetune_coco_mask_rcnn_R_50_FPN_instant_test.yaml")

@@ -339,7 +339,7 @@ def test_jpeg_draft_close_to_full_decode_with_antialiasing():
     the full decode by well under one intensity level on average with PIL's antialiasing resize
     (measured 0.3 on the four demo JPEGs); OpenCV bilinear, which does not antialias, differs
     about 3x more (1.0), since the draft decode then removes aliasing the official pipeline has."""
-    from regionssl.data.tiny import demo_image_files
+    from regionssl.data.demo_images import demo_image_files
 
     files = [f for f in demo_image_files() if f.lower().endswith(".jpg")][:2]
     assert files, "the demo packages ship JPEG photos"

@@ -9,10 +9,9 @@ from detectron2.utils.events import EventStorage
 
 import regionssl  # noqa: F401
 from regionssl.checkpoint import to_trunk_relative
-from regionssl.engine import FinetuneTrainer, PretrainTrainer, get_regionssl_cfg
+from regionssl.engine import FinetuneTrainer, PretrainTrainer
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-QS = os.path.join(ROOT, "configs", "quick_schedules")
+from conftest import qs_cfg
 FPN = "finetune_coco_mask_rcnn_R_50_FPN_instant_test.yaml"
 C4 = "finetune_coco_mask_rcnn_R_50_C4_instant_test.yaml"
 
@@ -30,8 +29,7 @@ METHODS = [
 
 
 def _cfg(name, out, *opts):
-    cfg = get_regionssl_cfg(os.path.join(QS, name), list(opts))
-    cfg.MODEL.DEVICE = "cpu"
+    cfg = qs_cfg(name, *opts)
     cfg.OUTPUT_DIR = str(out)
     return cfg
 

@@ -8,9 +8,7 @@ from regionssl.config import per_level
 from regionssl.data import RegionSSLDatasetMapper
 from regionssl.engine import get_regionssl_cfg
 
-
-def _cfg(config, *opts):
-    return get_regionssl_cfg(f"configs/quick_schedules/{config}", ["MODEL.DEVICE", "cpu", *opts])
+from conftest import qs_cfg as _cfg
 
 
 @pytest.mark.parametrize(

@@ -9,7 +9,6 @@ import logging
 import os
 import random
 import shutil
-import sys
 import tarfile
 import zipfile
 
@@ -21,9 +20,7 @@ from PIL import Image
 
 from regionssl.data import photo_pool
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "tools"))
-import build_photo_pool as bpp  # noqa: E402
+import build_photo_pool as bpp  # tools/ (on sys.path through conftest.py)
 
 Item, Source = bpp.Item, bpp.Source
 

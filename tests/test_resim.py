@@ -14,19 +14,12 @@ from detectron2.utils.events import EventStorage
 import regionssl  # noqa: F401
 from regionssl.data.mapper import RegionSSLDatasetMapper
 from regionssl.data.regions import SlidingWindows
-from regionssl.data.tiny import demo_image_files
-from regionssl.engine import get_regionssl_cfg
+from regionssl.data.demo_images import demo_image_files
 from regionssl.modeling.meta_arch.resim import pooled_negatives, region_similarity_loss
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIGS = os.path.join(ROOT, "configs")
+from conftest import cfg_of
+
 SMALL = ["INPUT.REGIONSSL.CROP_SIZE", "64"]  # P4 4x4 -> 2x2 negatives, P3 8x8 -> 6x6
-
-
-def cfg_of(name, *opts):
-    cfg = get_regionssl_cfg(os.path.join(CONFIGS, name), list(opts))
-    cfg.MODEL.DEVICE = "cpu"
-    return cfg
 
 
 def mapped_batch(cfg, n, seed):

@@ -17,22 +17,20 @@ from regionssl.data.build import get_pretrain_dataset_dicts
 from regionssl.data.mapper import RegionSSLDatasetMapper
 from regionssl.data.regions import IntersectionBoxes, box_iou_np
 from regionssl.data.views import TwoCrops, _crop_view
-from regionssl.engine import PretrainTrainer, adapt_to_machine, get_regionssl_cfg
+from regionssl.engine import PretrainTrainer, adapt_to_machine
 from regionssl.modeling.encoders import momentum_at
 from regionssl.modeling.heads import MLP, NaiveSyncBatchNorm1d
 from regionssl.modeling.meta_arch import BYOL, SCRL
 from regionssl.solver import LARS
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-QS = os.path.join(ROOT, "configs", "quick_schedules")
+from conftest import launch_cpu, qs_cfg
+
 CROP = 64  # real-mapper smoke runs (ResNet-50)
 TINY = 32  # ResNet-18 math tests: res5 is 1x1
 
 
 def _cfg(name, *opts):
-    cfg = get_regionssl_cfg(os.path.join(QS, name), list(opts))
-    cfg.MODEL.DEVICE = "cpu"
-    return cfg
+    return qs_cfg(name, *opts)
 
 
 def _tiny_cfg(name, *opts):
@@ -401,10 +399,7 @@ def _sync_bn_worker(out_dir):
 
 
 def test_naive_sync_bn_1d_uses_global_statistics_across_two_processes(tmp_path):
-    from detectron2.engine import launch
-    from detectron2.engine.launch import _find_free_port
-
-    launch(_sync_bn_worker, 2, dist_url=f"tcp://127.0.0.1:{_find_free_port()}", args=(str(tmp_path),))
+    launch_cpu(_sync_bn_worker, (str(tmp_path),))
     outs = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     x = torch.arange(24, dtype=torch.float32).view(6, 4) ** 1.5
     ref = torch.nn.BatchNorm1d(4).train()

@@ -12,9 +12,8 @@ from detectron2.engine import HookBase
 submitit = pytest.importorskip("submitit")
 import cloudpickle  # noqa: E402  (a submitit dependency)
 
-from test_spine import QS, ROOT  # noqa: E402
+from conftest import QS, ROOT  # noqa: E402
 
-sys.path.insert(0, os.path.join(ROOT, "tools"))
 import slurm_launch  # noqa: E402  (puts the repository root on sys.path)
 import train_net  # noqa: E402
 

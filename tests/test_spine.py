@@ -12,20 +12,9 @@ from detectron2.modeling import build_model
 
 import regionssl  # noqa: F401
 from regionssl.checkpoint import FormatTag, RegionSSLCheckpointer
-from regionssl.engine import get_regionssl_cfg
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "tools"))
-from convert_to_detectron2 import convert  # noqa: E402
-
-QS = os.path.join(ROOT, "configs", "quick_schedules")
-
-
-def cfg_of(name, *opts):
-    path = name if os.path.isabs(name) else os.path.join(ROOT, "configs", name)
-    cfg = get_regionssl_cfg(path, list(opts))
-    cfg.MODEL.DEVICE = "cpu"
-    return cfg
+from conftest import QS, ROOT, cfg_of
+from convert_to_detectron2 import convert  # tools/
 
 
 ALL_CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "**", "*.yaml"), recursive=True))

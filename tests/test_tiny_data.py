@@ -1,4 +1,4 @@
-"""The tiny synthetic COCO / VOC sets and the demo photo set (regionssl.data.tiny)."""
+"""The tiny synthetic COCO / VOC sets (tools/build_tiny_datasets.py) and the demo photo set."""
 import json
 import os
 import subprocess
@@ -11,22 +11,10 @@ from pycocotools import mask as mask_util
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import BoxMode
-from regionssl.data import tiny
+from regionssl.data.demo_images import demo_image_files, register_demo_images
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(scope="session")
-def tiny_root(tmp_path_factory):
-    """One build per test session (shared path; ensure_tiny_datasets is idempotent), registered
-    under the official names. Restores the default registration afterwards."""
-    root = str(tmp_path_factory.getbasetemp() / "datasets" / "regionssl_tiny")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("REGIONSSL_DATASETS", root)
-    tiny.register_tiny_datasets(force=True)  # the package import may have registered the default root
-    yield root
-    mp.undo()
-    tiny.register_tiny_datasets(force=True)
+import build_tiny_datasets as tiny  # tools/
+from conftest import ROOT as REPO
 
 
 def _read(path):
@@ -182,8 +170,8 @@ def test_loader_builds_on_first_use_and_ensure_is_idempotent(tmp_path, monkeypat
 def test_concurrent_ensure(tmp_path):
     """Two processes building the same root at once both succeed and leave one complete copy."""
     root = str(tmp_path / "race" / "regionssl_tiny")
-    code = ("import sys; sys.path.insert(0, %r); from regionssl.data.tiny import ensure_tiny_datasets; "
-            "print(ensure_tiny_datasets(%r))" % (os.path.dirname(os.path.dirname(os.path.dirname(tiny.__file__))), root))
+    code = ("import sys; sys.path.insert(0, %r); from build_tiny_datasets import ensure_tiny_datasets; "
+            "print(ensure_tiny_datasets(%r))" % (os.path.dirname(os.path.abspath(tiny.__file__)), root))
     procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE) for _ in range(2)]
     outs = [p.communicate(timeout=120)[0].decode().strip().splitlines()[-1] for p in procs]
     assert [p.returncode for p in procs] == [0, 0] and outs == [root, root]
@@ -194,11 +182,11 @@ def test_concurrent_ensure(tmp_path):
 
 
 def test_demo_images():
-    files = tiny.demo_image_files()
+    files = demo_image_files()
     assert files == sorted(files) and len(files) >= 4
     assert all(os.path.isfile(p) and "-packages" + os.sep in p for p in files)  # read in place
     assert {"astronaut.png", "chelsea.png", "grace_hopper.jpg"} <= {os.path.basename(p) for p in files}
-    tiny.register_demo_images()
+    register_demo_images()
     full = DatasetCatalog.get("regionssl_demo_images")
     train = DatasetCatalog.get("regionssl_demo_images_train")
     heldout = DatasetCatalog.get("regionssl_demo_images_heldout")

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from test_spine import QS, ROOT, cfg_of
+from conftest import QS, ROOT, cfg_of
 
 
 def test_tracking_is_off_by_default_and_imports_nothing():

@@ -1,7 +1,6 @@
 """Pictures of mapped samples (regionssl/utils/visualize.py), the tools command and the VIS_PERIOD hook."""
 import glob
 import os
-import sys
 
 import numpy as np
 import pytest
@@ -10,13 +9,12 @@ from PIL import Image
 
 import regionssl  # noqa: F401
 from regionssl.data import RegionSSLDatasetMapper
-from regionssl.data.tiny import demo_image_files
+from regionssl.data.demo_images import demo_image_files
 from regionssl.engine import PretrainTrainer, adapt_to_machine, get_regionssl_cfg
 from regionssl.utils.visualize import _HEADER, _PALETTE, draw_sample
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "tools"))
-import visualize_views  # noqa: E402
+from conftest import ROOT
+import visualize_views  # tools/
 
 CASES = {
     "insloc": ("configs/insloc_fpn.yaml", ["INPUT.REGIONSSL.CROP_SIZE", 128, "INPUT.REGIONSSL.COPY_PASTE.FG_SIZE", [48, 100]]),

@@ -1,0 +1,65 @@
+"""Helpers shared by the test files, and the test data they need.
+
+* ``ROOT``, ``CONFIGS``, ``QS``: the repository, its configs and quick schedules; ``tools/`` is put
+  on ``sys.path`` so tests import the tools as modules.
+* :func:`cfg_of` / :func:`qs_cfg`: a regionssl config on CPU.
+* :func:`launch_cpu`: N gloo processes through Detectron2's ``launch`` on a free local port.
+* The tiny synthetic COCO / VOC sets (``tools/build_tiny_datasets.py``) are registered here, at their
+  default root (built on first use); the ``tiny_root`` fixture re-registers them under a per-session
+  temporary root for the tests that inspect the files.
+"""
+import os
+import socket
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = os.path.join(ROOT, "configs")
+QS = os.path.join(CONFIGS, "quick_schedules")
+sys.path.insert(0, os.path.join(ROOT, "tools"))
+
+import build_tiny_datasets as tiny  # noqa: E402  (test data: not part of the regionssl package)
+
+tiny.register_tiny_datasets()
+
+
+def cfg_of(name, *opts):
+    """Config ``name`` (absolute, or relative to ``configs/``) with ``opts`` merged, on CPU."""
+    from regionssl.engine import get_regionssl_cfg
+
+    path = name if os.path.isabs(name) else os.path.join(CONFIGS, name)
+    cfg = get_regionssl_cfg(path, list(opts))
+    cfg.MODEL.DEVICE = "cpu"
+    return cfg
+
+
+def qs_cfg(name, *opts):
+    """:func:`cfg_of` for a file of ``configs/quick_schedules``."""
+    return cfg_of(os.path.join(QS, name), *opts)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_cpu(fn, args, num_processes=2, **kwargs):
+    """Run ``fn(*args)`` in ``num_processes`` gloo processes (Detectron2's ``launch``, free port)."""
+    from detectron2.engine import launch
+
+    launch(fn, num_processes, dist_url=f"tcp://127.0.0.1:{free_port()}", args=tuple(args), **kwargs)
+
+
+@pytest.fixture(scope="session")
+def tiny_root(tmp_path_factory):
+    """One build of the tiny sets per test session under a temporary root (ensure_tiny_datasets is
+    idempotent), registered under the official names; the default registration is restored after."""
+    root = str(tmp_path_factory.getbasetemp() / "datasets" / "regionssl_tiny")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("REGIONSSL_DATASETS", root)
+    tiny.register_tiny_datasets(force=True)
+    yield root
+    mp.undo()
+    tiny.register_tiny_datasets(force=True)
