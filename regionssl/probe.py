@@ -36,7 +36,8 @@ from detectron2.data import DatasetCatalog
 from detectron2.data import transforms as T
 
 from .data.augmentations import INTERPOLATIONS
-from .data.datasets import ensure_registered, read_rgb_or_none
+from .data.datasets import ensure_registered
+from .data.image_io import read_rgb_or_none
 from .data.photometric import build_photometric_augmentations
 from .data.regions import IntersectionBoxes
 from .data.views import TwoCrops

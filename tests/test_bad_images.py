@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from regionssl.data import RegionSSLDatasetMapper, build_pretrain_train_loader, get_pretrain_dataset_dicts
-from regionssl.data.datasets import MIN_IMAGE_SIDE, read_rgb_or_none
+from regionssl.data.image_io import MIN_IMAGE_SIDE, read_rgb_or_none
 from regionssl.engine import get_regionssl_cfg
 
 H, W = 240, 320
@@ -130,7 +130,7 @@ def test_exif_rotated_jpeg_is_never_draft_decoded(tmp_path):
     exif = im.getexif()
     exif[0x0112] = 6
     im.save(tmp_path / "rot.jpg", exif=exif, quality=95)
-    from regionssl.data.datasets import open_image_or_none
+    from regionssl.data.image_io import open_image_or_none
 
     item = open_image_or_none(str(tmp_path / "rot.jpg"))
     assert (item.height, item.width) == (1280, 960) and item.max_decode_reduction(8) == 1

@@ -294,7 +294,7 @@ def test_jpeg_draft_keeps_geometry(tmp_path, monkeypatch, interp):
     """Views decoded at 1/2..1/8 scale show the ramp values their transforms predict: the mean
     offset between the value seen and the value at the predicted original position is < 1 px,
     while a half reduced pixel (r / 2 px) would be 1-4 px. Draft and full decoding agree."""
-    from regionssl.data.datasets import ImageFile
+    from regionssl.data.image_io import ImageFile
 
     path = tmp_path / "ramp.jpg"
     slope, (h, w) = _ramp_jpeg(path)

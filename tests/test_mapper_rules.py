@@ -112,7 +112,7 @@ def test_sliding_windows_map_through_query_and_mark_validity():
     # in the mapper, validity = inside every view; compare with ReSim's rule (all mapped coords in [0, 224))
     k = views[1].transform.apply_box(rs.boxes)
     resim_valid = ((k >= 0) & (k < 224)).all(1)
-    mapper = RegionSSLDatasetMapper(view_generator=lambda im: views, region_sampler=sampler, photometric=[[]])
+    mapper = RegionSSLDatasetMapper(view_generator=lambda im, file_name=None: views, region_sampler=sampler, photometric=[[]])
     _, _, boxes, valid = mapper._views_and_regions(np.zeros((IMG_H, IMG_W, 3), np.uint8))
     assert 0 < valid.sum() < 100
     np.testing.assert_array_equal(valid, resim_valid)

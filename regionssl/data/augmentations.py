@@ -5,9 +5,10 @@ Every geometric change of a view is expressed with Detectron2/fvcore transforms,
 ``apply_box``, saliency masks with ``apply_segmentation``, and the inverse exists for the
 query -> original -> key mapping of ReSim.
 
-Pixels of a resized crop are made by :class:`DecodedImage.resized_crop` in one resampling step from
-the decoded image (no intermediate copies), possibly from a JPEG decoded at 1/r scale; the result
-is the same geometry as ``transform.apply_image`` (tests/test_mapper_geometry.py checks every pixel).
+Pixels of a resized crop are made by ``image_io.DecodedImage.resized_crop`` in one resampling step
+from the decoded image (no intermediate copies), possibly from a JPEG decoded at 1/r scale; the
+result is the same geometry as ``transform.apply_image`` (tests/test_mapper_geometry.py checks every
+pixel).
 
 Photometric augmentations (which never move boxes) live in ``photometric.py``.
 """
@@ -23,7 +24,6 @@ __all__ = [
     "RandomResizedCrop",
     "PasteTransform",
     "ResizeTransform",
-    "DecodedImage",
     "resized_crop_transform",
     "INTERPOLATIONS",
     "CV2_BILINEAR",
@@ -97,59 +97,6 @@ def resized_crop_transform(height, width, box, out_h, out_w, interp=Image.BILINE
             ResizeTransform(h, w, out_h, out_w, interp),
         ]
     )
-
-
-class DecodedImage:
-    """Pixels of an (height, width) image, decoded at ``1 / reduction`` of its size.
-
-    A JPEG decoded with libjpeg's DCT scaling (PIL ``draft``) at 1/r covers the original exactly:
-    reduced pixel i spans original pixels [r i, r (i + 1)) (PIL's own ``draft`` returns the box
-    (0, 0, w / r, h / r)), so original coordinates map by ``x / r``. Crops are resampled from the
-    reduced pixels with fractional source boxes, which keeps every view's geometry exactly what its
-    (original-coordinate) transform says.
-
-    Args:
-        image: PIL RGB image of size (ceil(width / r), ceil(height / r)), or an (H, W, 3) uint8 array (r = 1).
-    """
-
-    def __init__(self, image, reduction=1, height=None, width=None):
-        if isinstance(image, np.ndarray):
-            assert reduction == 1 and image.ndim == 3 and image.shape[2] == 3 and image.dtype == np.uint8
-            self._array, self._pil = image, None
-            self.height, self.width = image.shape[:2]
-        else:
-            self._array, self._pil = None, image
-            self.height = height if height is not None else image.size[1] * reduction
-            self.width = width if width is not None else image.size[0] * reduction
-        self.reduction = reduction
-
-    @property
-    def pil(self):
-        if self._pil is None:
-            self._pil = Image.fromarray(self._array)
-        return self._pil
-
-    def array(self):
-        """(H / r, W / r, 3) uint8 (read-only when it comes from PIL)."""
-        if self._array is None:
-            self._array = np.asarray(self._pil)
-        return self._array
-
-    def resized_crop(self, box, out_w, out_h, interp=Image.BILINEAR):
-        """(out_h, out_w, 3) uint8: original-pixel rectangle ``box = (x0, y0, w, h)`` resampled."""
-        r = self.reduction
-        x0, y0, w, h = box
-        if interp == CV2_BILINEAR:
-            if r == 1 and all(float(v).is_integer() for v in box):
-                crop = self.array()[int(y0) : int(y0 + h), int(x0) : int(x0 + w)]
-                return cv2.resize(crop, (out_w, out_h), interpolation=cv2.INTER_LINEAR)
-            # fractional source box: the affine map of output pixel centres onto input pixel centres
-            sx, sy = w / r / out_w, h / r / out_h
-            m = np.array([[sx, 0, x0 / r + 0.5 * sx - 0.5], [0, sy, y0 / r + 0.5 * sy - 0.5]])
-            flags = cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP
-            return cv2.warpAffine(self.array(), m, (out_w, out_h), flags=flags, borderMode=cv2.BORDER_REPLICATE)
-        src = (x0 / r, y0 / r, (x0 + w) / r, (y0 + h) / r)
-        return np.asarray(self.pil.resize((out_w, out_h), interp, box=src))
 
 
 class RandomResizedCrop(T.Augmentation):

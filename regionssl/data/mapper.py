@@ -19,66 +19,32 @@ Bad images (corrupt, unreadable, tiny) and pairs that yield no valid region afte
 An unreadable file is warned about once per worker process (:class:`SkippedFiles`), not at every
 epoch.
 
-Decoding is lazy: the built-in view generators draw their crops from the image size (read from
-the file header), then the image is decoded once at the coarsest JPEG scale 1/r (r in 1, 2, 4, 8)
-at which every crop still has at least its output resolution (``INPUT.REGIONSSL.JPEG_DRAFT``).
-Geometry is unaffected: transforms stay in original-image pixels (views.py, augmentations.py).
+One sample flows one way: I/O (``image_io``: header, then one decode) -> views (the
+``ViewGenerator``) -> regions (the ``RegionSampler``) -> photometric ops -> tensors. Decoding is
+lazy: the generator plans its crops from the image size (read from the file header), then the image
+is decoded once at the coarsest JPEG scale 1/r (r in 1, 2, 4, 8) at which every crop still has at
+least its output resolution (``INPUT.REGIONSSL.JPEG_DRAFT``). Geometry is unaffected: transforms
+stay in original-image pixels (views.py, augmentations.py).
 """
 import copy
 import logging
-import random
 
 import numpy as np
 import torch
 from detectron2.config import configurable
 from detectron2.data import transforms as T
 
-from .datasets import SkippedFiles, UnreadableImageError, decode_or_none, open_image_or_none, read_rgb_or_none
+from .image_io import BackgroundSource, SkippedFiles, UnreadableImageError, open_image_or_none
 from .photometric import build_photometric_augmentations
 from .regions import anchor_jitter, build_region_sampler
 from .views import build_view_generator, max_reduction
 
-__all__ = ["RegionSSLDatasetMapper", "BackgroundSource"]
+__all__ = ["RegionSSLDatasetMapper"]
 
 logger = logging.getLogger(__name__)
 
 # A box counts as inside a view if it exceeds the view by at most this many pixels (float noise).
 _INSIDE_TOL = 1e-3
-
-
-class BackgroundSource:
-    """Random images of the dataset, used as backgrounds by compositing view generators."""
-
-    def __init__(self, file_names, max_tries=10, draft=True, skipped=None):
-        if not file_names:
-            raise ValueError("BackgroundSource needs at least one image")
-        self.file_names, self.max_tries, self.draft = list(file_names), max_tries, draft
-        self.skipped = skipped  # SkippedFiles shared with the mapper: unreadable backgrounds count too
-
-    def __call__(self):
-        return self.sample()[0]
-
-    def sample(self):
-        """(image, file_name) of a random readable image (SaliencySwap needs the name for mask files)."""
-        for _ in range(self.max_tries):
-            file_name = random.choice(self.file_names)
-            image = read_rgb_or_none(file_name, self.skipped, "a background")
-            if image is not None:
-                return image, file_name
-        raise RuntimeError(f"No readable background image after {self.max_tries} tries")
-
-    def resized(self, out_h, out_w, interp):
-        """A random readable image resized to (out_h, out_w, 3) uint8 (aspect not kept, as InsLoc's
-        ``mmcv.imresize``); large JPEGs are decoded at the coarsest scale still >= the output."""
-        for _ in range(self.max_tries):
-            item = open_image_or_none(random.choice(self.file_names), self.skipped, "a background")
-            if item is None:
-                continue
-            reduction = min(item.width / out_w, item.height / out_h) if self.draft else 1
-            decoded = decode_or_none(item, reduction, self.skipped, "a background")
-            if decoded is not None:
-                return decoded.resized_crop((0, 0, item.width, item.height), out_w, out_h, interp)
-        raise RuntimeError(f"No readable background image after {self.max_tries} tries")
 
 
 class RegionSSLDatasetMapper:
@@ -141,29 +107,20 @@ class RegionSSLDatasetMapper:
         }
 
     def _make_views(self, image, file_name, decoded):
-        """Views of ``image`` (an (H, W, 3) array or an :class:`ImageFile`); ``decoded`` caches
-        decodings of the file by reduction. Raises on undecodable data."""
-        gen = self.view_generator
+        """Views of ``image`` (an ``ImageFile``, or an (H, W, 3) uint8 array already decoded);
+        ``decoded`` caches decodings of the file by reduction. Raises on undecodable data."""
         if isinstance(image, np.ndarray):
-            pixels = image
-        elif hasattr(gen, "plan"):
-            plan = gen.plan(image.height, image.width)
-            r = image.max_decode_reduction(max_reduction(plan)) if self.jpeg_draft else 1
-            if r not in decoded:
-                decoded[r] = image.decode(r)
-            return gen.render(decoded[r], plan)
-        else:
-            if 1 not in decoded:
-                decoded[1] = image.decode(1)
-            pixels = decoded[1].array()
-        # generators that look files up by name (SaliencySwap's mask files) declare it
-        kwargs = {"file_name": file_name} if getattr(gen, "takes_file_name", False) else {}
-        return gen(pixels, **kwargs)
+            return self.view_generator(image, file_name)
+        plan = self.view_generator.plan(image.height, image.width)
+        r = image.max_decode_reduction(max_reduction(plan)) if self.jpeg_draft and plan is not None else 1
+        if r not in decoded:
+            decoded[r] = image.decode(r)
+        return self.view_generator.render(decoded[r], plan, file_name)
 
     def _views_and_regions(self, image, file_name=None):
         """Draw views and regions until at least one region is valid (bounded).
 
-        ``image``: (H, W, 3) uint8 array, or an :class:`ImageFile` decoded as coarsely as the views allow.
+        ``image``: (H, W, 3) uint8 array, or an ``ImageFile`` decoded as coarsely as the views allow.
         """
         decoded = {}
         for _ in range(self.max_resample + 1):

@@ -1,7 +1,8 @@
 """Region samplers: which regions are matched across the views of one image.
 
-A sampler returns a :class:`RegionSet` with boxes in **original-image** coordinates; the mapper
-moves them into every view with that view's ``transform.apply_box``. So row i of every view's
+A sampler is a :class:`RegionSampler`, called on the views of one image; it returns a
+:class:`RegionSet` with boxes in **original-image** coordinates and the mapper moves them into every
+view with that view's ``transform.apply_box``. So row i of every view's
 boxes covers the same original pixels by construction. Exceptions are documented per sampler.
 
 Registered samplers (``INPUT.REGIONSSL.REGION_SAMPLER``):
@@ -13,6 +14,7 @@ Registered samplers (``INPUT.REGIONSSL.REGION_SAMPLER``):
 
 Also :func:`anchor_jitter`, InsLoc's box augmentation for the query view (docs/methods/insloc.md).
 """
+import abc
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
@@ -27,12 +29,12 @@ from torchvision.ops import nms
 from ..config import per_level
 
 __all__ = [
-    "RegionSet", "REGION_SAMPLER_REGISTRY", "build_region_sampler", "anchor_grid", "pick_jittered_anchor",
+    "RegionSet", "RegionSampler", "REGION_SAMPLER_REGISTRY", "build_region_sampler", "anchor_grid", "pick_jittered_anchor",
     "anchor_jitter", "box_iou_np",
 ]
 
 REGION_SAMPLER_REGISTRY = Registry("REGIONSSL_REGION_SAMPLER")
-REGION_SAMPLER_REGISTRY.__doc__ = "Picks regions matched across views; see regionssl/data/regions.py."
+REGION_SAMPLER_REGISTRY.__doc__ = "RegionSampler subclasses: regions matched across views; see regionssl/data/regions.py."
 
 
 @dataclass
@@ -51,6 +53,14 @@ class RegionSet:
     view_boxes: Optional[List[np.ndarray]] = None
     check_views: Optional[List[int]] = None
     extras: Dict[str, np.ndarray] = field(default_factory=dict)
+
+
+class RegionSampler(abc.ABC):
+    """Picks the regions matched across the views of one image; what the mapper calls."""
+
+    @abc.abstractmethod
+    def __call__(self, views) -> RegionSet:
+        """Regions of ``views`` (the list a ``ViewGenerator`` made for one image)."""
 
 
 def build_region_sampler(cfg):
@@ -79,7 +89,7 @@ def _empty(n=0):
 
 
 @REGION_SAMPLER_REGISTRY.register()
-class WholeView:
+class WholeView(RegionSampler):
     """One region per view: the whole view. Rows are NOT the same original pixels across views."""
 
     def __init__(self, cfg=None):
@@ -91,7 +101,7 @@ class WholeView:
 
 
 @REGION_SAMPLER_REGISTRY.register()
-class PastedBox:
+class PastedBox(RegionSampler):
     """InsLoc: the pasted foreground rectangle of each CopyPaste view.
 
     The official data pipeline (InstanceLoc ``copy_and_paste.py``) draws an *independent* crop of
@@ -110,7 +120,7 @@ class PastedBox:
 
 
 @REGION_SAMPLER_REGISTRY.register()
-class IntersectionBoxes:
+class IntersectionBoxes(RegionSampler):
     """SCRL's boxes in the intersection of views 0 and 1 (docs/methods/scrl.md; official code after its box fixes).
 
     In original coordinates the intersection is ``[l, r] x [t, b]``; measured at the coarser
@@ -178,7 +188,7 @@ class IntersectionBoxes:
 
 
 @REGION_SAMPLER_REGISTRY.register()
-class SlidingWindows:
+class SlidingWindows(RegionSampler):
     """ReSim's windows (docs/methods/resim.md): for each group g, windows of side ``sizes[g]`` every
     ``strides[g]`` px on the query view (view 0), kept while ``x0 + size < S`` (36 windows of 48/32
     and 64 of 32/24 on a 224 view), mapped to the original image with the query's inverse

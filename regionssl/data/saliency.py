@@ -24,7 +24,7 @@ from detectron2.data import transforms as T
 from detectron2.utils.registry import Registry
 
 from .augmentations import INTERPOLATIONS, PasteTransform, resized_crop_transform, sample_resized_crop
-from .views import VIEW_GENERATOR_REGISTRY, View
+from .views import VIEW_GENERATOR_REGISTRY, CompositingViewGenerator, View
 
 __all__ = [
     "SALIENCY_SOURCE_REGISTRY", "build_saliency_source", "spectral_residual_saliency", "SpectralResidualSaliency",
@@ -162,7 +162,7 @@ def _overlap(a, b):
 
 
 @VIEW_GENERATOR_REGISTRY.register()
-class SaliencySwap:
+class SaliencySwap(CompositingViewGenerator):
     """CVSA's Saliency Swap views (``docs/methods/cvsa.md``).
 
     For the image x being mapped (size H x W, saliency s(x)) the square window W_x of side
@@ -184,17 +184,14 @@ class SaliencySwap:
     view (meaningful inside W_x, whose content is what the view shows there). ``view.mask`` is
     s(x) moved by ``transform.apply_segmentation`` (nearest neighbour, 8-bit): s(x) inside the
     pasted window, 0 on the background (which is another image's content). ``view.source_box``
-    = W_x in x's pixels, so ``PastedBox``/``IntersectionBoxes`` give the pasted window. The mapper
-    passes ``file_name`` (``takes_file_name``) for ``mask_files`` saliency.
+    = W_x in x's pixels, so ``PastedBox``/``IntersectionBoxes`` give the pasted window. The window
+    depends on the pixels, so nothing is planned before decoding (:meth:`plan` is None); ``render``
+    takes the ``file_name`` for ``mask_files`` saliency.
     """
-
-    takes_file_name = True
 
     @configurable
     def __init__(self, *, saliency, window_fraction, crop_size, scale, ratio, interp, flip_prob,
                  background_source, max_crop_tries=10, min_visible=0.5):
-        if background_source is None:
-            raise ValueError("SaliencySwap needs a background_source (random images of the dataset)")
         self.saliency, self.window_fraction = saliency, window_fraction
         self.crop_size, self.scale, self.ratio, self.interp = crop_size, scale, ratio, interp
         self.flip_prob, self.background_source, self.max_crop_tries = flip_prob, background_source, max_crop_tries
@@ -222,9 +219,7 @@ class SaliencySwap:
         return sal, (x0, y0, side, side)
 
     def _background(self, file_name):
-        if not hasattr(self.background_source, "sample"):
-            return self.background_source(), None
-        for _ in range(_BACKGROUND_TRIES):  # BackgroundSource also gives the file name
+        for _ in range(_BACKGROUND_TRIES):
             bg, bg_name = self.background_source.sample()
             if bg_name is None or bg_name != file_name:
                 break  # pasting an image on itself would give an unchanged image
@@ -258,6 +253,7 @@ class SaliencySwap:
         mask = tfm.apply_segmentation(np.round(sal * 255).astype(np.uint8)).astype(np.float32) / 255
         return View(tfm.apply_image(image), tfm, box, mask)
 
-    def __call__(self, image, file_name=None) -> List[View]:
+    def render(self, pixels, plan, file_name=None) -> List[View]:
+        image = pixels.array()
         sal, window = self.salient_window(image, file_name)
         return [self._one_view(image, sal, window, file_name) for _ in range(2)]

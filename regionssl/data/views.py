@@ -1,9 +1,10 @@
 """View generators: one decoded image in, several geometric views out.
 
-A generator returns a list of :class:`View`. Each view carries the Detectron2 transform that maps
-original-image coordinates to view coordinates; nothing else about geometry is stored, so region
-samplers and the mapper move boxes with ``view.transform.apply_box`` only. Photometric ops are
-applied later by the mapper (per-view probabilities), never here.
+Every generator is a :class:`ViewGenerator` and returns a list of :class:`View`. Each view carries
+the Detectron2 transform that maps original-image coordinates to view coordinates; nothing else
+about geometry is stored, so region samplers and the mapper move boxes with
+``view.transform.apply_box`` only. Photometric ops are applied later by the mapper (per-view
+probabilities), never here.
 
 Registered generators (``INPUT.REGIONSSL.VIEW_GENERATOR``):
 
@@ -14,12 +15,14 @@ Registered generators (``INPUT.REGIONSSL.VIEW_GENERATOR``):
                          image of the dataset resized to the canvas; one composite per view.
 ``SaliencySwap`` (CVSA) is registered in ``saliency.py``.
 
-The built-in generators work in two steps so the mapper can decode as little as needed: ``plan``
-draws all the geometry from the image size alone (a list of :class:`CropSpec`), then ``render``
-resamples every crop from a :class:`DecodedImage`, which may be a JPEG decoded at 1/r scale when
-every crop of the plan shrinks by at least r (:func:`max_reduction`). Calling a generator on an
-array does both. Other generators only need ``__call__(image)``.
+The interface the mapper calls has two steps, so it can decode as little as needed: ``plan`` draws
+the geometry from the image size alone (a list of :class:`CropSpec`), then ``render`` resamples
+every crop from a :class:`~regionssl.data.image_io.DecodedImage`, which may be a JPEG decoded at
+1/r scale when every crop of the plan shrinks by at least r (:func:`max_reduction`). A generator
+whose geometry depends on the pixels (SaliencySwap) plans nothing (``None``) and gets the full
+decode. Calling a generator on an array does both steps.
 """
+import abc
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
@@ -29,22 +32,16 @@ from detectron2.data import transforms as T
 from detectron2.utils.registry import Registry
 
 from ..config import per_level
-from .augmentations import (
-    INTERPOLATIONS,
-    DecodedImage,
-    PasteTransform,
-    ResizeTransform,
-    resized_crop_transform,
-    sample_resized_crop,
-)
+from .augmentations import INTERPOLATIONS, PasteTransform, resized_crop_transform, sample_resized_crop
+from .image_io import DecodedImage, as_background_source
 
 __all__ = [
-    "View", "CropSpec", "VIEW_GENERATOR_REGISTRY", "build_view_generator", "max_reduction",
-    "TwoCrops", "TwoCropsSharedFlip", "MultiCrop", "CopyPaste",
+    "View", "CropSpec", "ViewGenerator", "CompositingViewGenerator", "VIEW_GENERATOR_REGISTRY",
+    "build_view_generator", "max_reduction", "TwoCrops", "TwoCropsSharedFlip", "MultiCrop", "CopyPaste",
 ]
 
 VIEW_GENERATOR_REGISTRY = Registry("REGIONSSL_VIEW_GENERATOR")
-VIEW_GENERATOR_REGISTRY.__doc__ = "Makes a list of `View`s from one image; see regionssl/data/views.py."
+VIEW_GENERATOR_REGISTRY.__doc__ = "ViewGenerator subclasses: views of one image; see regionssl/data/views.py."
 
 
 @dataclass
@@ -86,8 +83,9 @@ def max_reduction(plan):
 def build_view_generator(cfg, background_source=None):
     """Build the generator named by ``cfg.INPUT.REGIONSSL.VIEW_GENERATOR``.
 
-    ``background_source`` is a callable ``() -> (H, W, 3) uint8`` returning a random image of the
-    dataset; generators that composite images (CopyPaste, SaliencySwap) need it.
+    ``background_source``: random images of the dataset (a ``BackgroundSource``, or a callable
+    returning (H, W, 3) uint8 arrays); generators that composite images (CopyPaste, SaliencySwap)
+    need it.
     """
     name = cfg.INPUT.REGIONSSL.VIEW_GENERATOR
     if name not in VIEW_GENERATOR_REGISTRY:
@@ -125,19 +123,56 @@ def _crop_view(image, box, out_size, interp, flip):
     return _render_crop(DecodedImage(np.asarray(image)), CropSpec(tuple(box), out_size, out_size, bool(flip)), interp)
 
 
-class _PlannedGenerator:
-    """Base of generators with ``plan(height, width) -> [CropSpec]`` and ``render(pixels, plan)``."""
+class ViewGenerator(abc.ABC):
+    """Makes the geometric views of one image; what the mapper calls.
 
-    def __call__(self, image) -> List[View]:
+    Subclasses implement :meth:`render` and, when their geometry can be drawn from the image size
+    alone, :meth:`plan` (then the mapper decodes JPEGs at a reduced scale the plan allows).
+    """
+
+    def plan(self, height, width) -> Optional[List[CropSpec]]:
+        """The views' geometry for an (height, width) image, drawn before decoding; None (the
+        default) when it depends on the pixels, which are then decoded at full scale."""
+        return None
+
+    @abc.abstractmethod
+    def render(self, pixels: DecodedImage, plan: Optional[List[CropSpec]], file_name: Optional[str] = None) -> List[View]:
+        """The views of ``pixels`` following ``plan`` (from :meth:`plan` for the same image size).
+
+        ``file_name`` names the image (generators that look files up by name use it: SaliencySwap's
+        mask files); None for images that come without one.
+        """
+
+    def __call__(self, image, file_name=None) -> List[View]:
+        """Views of an (H, W, 3) uint8 array or a ``DecodedImage``: :meth:`plan`, then :meth:`render`."""
         pixels = image if isinstance(image, DecodedImage) else DecodedImage(np.asarray(image))
-        return self.render(pixels, self.plan(pixels.height, pixels.width))
+        return self.render(pixels, self.plan(pixels.height, pixels.width), file_name)
 
-    def render(self, pixels, plan) -> List[View]:
+
+class _CropViews(ViewGenerator):
+    """Views that are plain resized crops (+ flip) of the image, one per :class:`CropSpec`."""
+
+    def render(self, pixels, plan, file_name=None) -> List[View]:
         return [_render_crop(pixels, spec, self.interp) for spec in plan]
 
 
+class CompositingViewGenerator(ViewGenerator):
+    """A generator that pastes content on other images of the dataset (``background_source``,
+    turned into a ``BackgroundSource`` whenever it is set)."""
+
+    @property
+    def background_source(self):
+        return self._background_source
+
+    @background_source.setter
+    def background_source(self, source):
+        if source is None:
+            raise ValueError(f"{type(self).__name__} needs a background_source (random images of the dataset)")
+        self._background_source = as_background_source(source)
+
+
 @VIEW_GENERATOR_REGISTRY.register()
-class TwoCrops(_PlannedGenerator):
+class TwoCrops(_CropViews):
     """Two RandomResizedCrops of side ``crop_size`` (scale s, ratio r), flipped with ``flip_prob``."""
 
     @configurable
@@ -174,7 +209,7 @@ class TwoCropsSharedFlip(TwoCrops):
 
 
 @VIEW_GENERATOR_REGISTRY.register()
-class MultiCrop(_PlannedGenerator):
+class MultiCrop(_CropViews):
     """SwAV multi-crop: for each resolution i, ``num_crops[i]`` crops of side ``sizes[i]`` with
     area fraction in ``[min_scales[i], max_scales[i]]``. Large crops come first."""
 
@@ -209,7 +244,7 @@ class MultiCrop(_PlannedGenerator):
 
 
 @VIEW_GENERATOR_REGISTRY.register()
-class CopyPaste(_PlannedGenerator):
+class CopyPaste(CompositingViewGenerator):
     """InsLoc's composites (docs/methods/insloc.md).
 
     For each of the two views: crop the foreground image with RandomResizedCrop's rule
@@ -220,15 +255,12 @@ class CopyPaste(_PlannedGenerator):
     the crop rectangle moved by the view's transform. The official pipeline resizes with OpenCV
     bilinear (mmcv), i.e. ``INPUT.REGIONSSL.INTERPOLATION "cv2_bilinear"``.
 
-    ``background_source`` is a callable returning a random dataset image; if it also has
-    ``resized(out_h, out_w, interp)`` (the mapper's BackgroundSource), that is used to get the
-    canvas directly (decoded at reduced scale when the image is large).
+    Canvases come from ``background_source.resized`` (a large JPEG is decoded at the coarsest scale
+    still at least the canvas size).
     """
 
     @configurable
     def __init__(self, *, canvas, scale, ratio, fg_size, interp, flip_prob, background_source, shared_crop=False):
-        if background_source is None:
-            raise ValueError("CopyPaste needs a background_source (random images of the dataset)")
         self.canvas, self.scale, self.ratio, self.fg_size = canvas, scale, ratio, fg_size
         self.interp, self.flip_prob, self.background_source = interp, flip_prob, background_source
         self.shared_crop = shared_crop
@@ -269,13 +301,9 @@ class CopyPaste(_PlannedGenerator):
 
     def _background(self):
         """(canvas, canvas, 3) uint8, writable."""
-        src, c = self.background_source, self.canvas
-        if hasattr(src, "resized"):
-            return np.array(src.resized(c, c, self.interp))
-        bg = src()
-        return np.array(ResizeTransform(bg.shape[0], bg.shape[1], c, c, self.interp).apply_image(bg))
+        return np.array(self.background_source.resized(self.canvas, self.canvas, self.interp))
 
-    def render(self, pixels, plan) -> List[View]:
+    def render(self, pixels, plan, file_name=None) -> List[View]:
         views = []
         for spec in plan:
             (px, py), nw, nh = spec.paste, spec.out_w, spec.out_h
