@@ -34,6 +34,7 @@ from fvcore.nn import FlopCountAnalysis  # noqa: E402
 from regionssl.data.build import get_pretrain_dataset_dicts  # noqa: E402
 from regionssl.data.mapper import RegionSSLDatasetMapper  # noqa: E402
 from regionssl.engine import PretrainTrainer, get_regionssl_cfg  # noqa: E402
+from regionssl.modeling.encoders import C4Encoder, FPNEncoder  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODELS = {"MoCo-v2": "configs/mocov2.yaml", "InsLoc-C4": "configs/insloc_c4.yaml", "InsLoc-FPN": "configs/insloc_fpn.yaml"}
@@ -60,7 +61,7 @@ class Timer:
         self.t = defaultdict(float)
         self.in_key = False
         self._wrap(model.backbone, "forward", "q_backbone")
-        self._wrap(model.pooler, "forward", "q_pool_head", skip_in_key=True)
+        self._wrap(model.encoder, "pool", "q_pool_head")  # the online encoder's RoI pooling + head
         self._wrap(model.projector, "forward", "q_projector")
         self._wrap(model, "update_momentum", "momentum_ema")
         self._wrap(model, "key_embed", "key_encoder", key=True)
@@ -111,16 +112,16 @@ def flops(model, batch, size):
         trunk = getattr(model.backbone, "bottom_up", model.backbone)
         out["resnet"] = count(trunk, x)
         out["fpn"] = count(model.backbone, x) - out["resnet"] if trunk is not model.backbone else 0.0
-        kind = model.pooler.kind
-        if kind == "fpn":
-            res = model.pooler.aligners[0].output_size[0]
+        encoder = model.encoder
+        if isinstance(encoder, FPNEncoder):
+            res = encoder.pooler.aligners[0].output_size[0]
             pooled = torch.randn(len(model.levels) * batch, feats["p2"].shape[1], res, res)
             out["region_head"] = count(model.roi_heads.box_head, pooled)
-        elif kind == "c4":
-            res = model.pooler.aligners[0].output_size[0]
+        elif isinstance(encoder, C4Encoder):
+            res = encoder.pooler.aligners[0].output_size[0]
             pooled = torch.randn(batch, feats["res4"].shape[1], res, res)
             out["region_head"] = count(model.roi_heads.res5, pooled)
-        z = torch.randn(len(model.levels) * batch, model.feature_dim)
+        z = torch.randn(len(model.levels) * batch, encoder.out_channels)
         out["projector"] = count(model.projector, z)
     model.train()
     d, k = model.queues.queue.shape[1:]

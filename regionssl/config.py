@@ -44,6 +44,10 @@ def per_level(key, values, levels, levels_key="MODEL.REGIONSSL.IN_FEATURES"):
 def _add_model_keys(cfg):
     cfg.MODEL.REGIONSSL = CN()
     r = cfg.MODEL.REGIONSSL
+    # Registered encoder (trunk layout, regionssl/modeling/encoders.py): "GlobalEncoder",
+    # "RoIEncoder", "C4Encoder" or "FPNEncoder". Empty: chosen from the backbone, IN_FEATURES and
+    # whether the method compares whole views (encoders.default_encoder_name).
+    r.ENCODER = ""
     # Feature maps the region features are pooled from, e.g. ["p2","p3","p4","p5"] (InsLoc-FPN),
     # ["res4"] (C4 variants, followed by roi_heads.res5) or ["res5"] (SCRL).
     r.IN_FEATURES = ["res5"]

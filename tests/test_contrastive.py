@@ -21,7 +21,8 @@ import regionssl  # noqa: F401  (registers models and datasets)
 from regionssl.data.build import get_pretrain_dataset_dicts
 from regionssl.data.mapper import RegionSSLDatasetMapper
 from regionssl.engine import PretrainTrainer
-from regionssl.modeling.encoders import ema_update, make_momentum_copy, momentum_at, shuffled_forward, split_forward
+from regionssl.modeling.momentum import ema_update, make_momentum_copy, momentum_at
+from regionssl.modeling.shuffle import shuffled_forward, split_forward
 from regionssl.modeling.losses import info_nce, info_nce_in_batch
 from regionssl.modeling.queues import KeyQueues
 

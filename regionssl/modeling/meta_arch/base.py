@@ -1,64 +1,58 @@
 """What every regionssl pretraining meta-architecture shares.
 
-Module names (the checkpoint contract, docs/design.md):
+A method is an encoder (``regionssl/modeling/encoders.py``, one module per trunk layout) + heads +
+a learning rule. Module names (the checkpoint contract, docs/design.md):
 
-* online encoder: ``backbone.*`` and, when the variant pretrains them, ``roi_heads.res5.*`` (C4)
-  or ``roi_heads.box_head.*`` (FPN) — exactly the detector's names, so a pretraining checkpoint
-  is a valid ``MODEL.WEIGHTS`` for fine-tuning;
-* everything else (``projector``, ``predictor``, ``momentum.*``, ``queues.*``, ``prototypes``)
-  uses names no detector key ends with.
+* online encoder: its parts are registered here under the detector's names, ``backbone.*`` and,
+  when the layout pretrains them, ``roi_heads.res5.*`` (C4) or ``roi_heads.box_head.*`` (FPN), so
+  a pretraining checkpoint is a valid ``MODEL.WEIGHTS`` for fine-tuning;
+* target encoder (methods with a momentum network): the same parts under ``momentum.*``;
+* everything else (``projector``, ``predictor``, ``queues.*``, ``prototypes``) uses names no
+  detector key ends with.
 
 Subclasses implement ``losses(batched_inputs) -> dict`` and may override ``region_embedding``.
 """
 import torch
 import torch.nn.functional as F
 from detectron2.config import configurable
-from detectron2.layers import ROIAlign
 from detectron2.utils.events import get_event_storage
 from torch import nn
 
 from ...utils.distributed import to_device
 from ...utils.micro_batch import is_first_micro_batch
-from ..encoders import RegionPooler, boxes_to_rois, build_trunk, ema_update, make_momentum_copy, momentum_at
+from ..encoders import build_encoder
+from ..momentum import ema_update, make_momentum_copy, momentum_at
 
-__all__ = ["RegionSSLBase", "trunk_kind_from_cfg"]
-
-
-def trunk_kind_from_cfg(cfg, default_global=False):
-    """"fpn" if the backbone builder is an FPN, "c4" if the region features come from res4,
-    "global" for image-level methods, otherwise "c5"."""
-    if "fpn" in cfg.MODEL.BACKBONE.NAME:
-        return "fpn"
-    if default_global:
-        return "global"
-    return "c4" if list(cfg.MODEL.REGIONSSL.IN_FEATURES) == ["res4"] else "c5"
+__all__ = ["RegionSSLBase"]
 
 
 class RegionSSLBase(nn.Module):
-    """Online encoder + region pooler + helpers; no learning rule.
+    """Online encoder + helpers; no learning rule.
 
     Args:
-        backbone, roi_heads: the online encoder (see :func:`build_trunk`).
-        pooler: :class:`RegionPooler` giving (L, R, C) region vectors.
+        encoder: the online :class:`~regionssl.modeling.encoders.Encoder`; its parts become this
+            module's ``backbone`` (and ``roi_heads``).
         pixel_mean, pixel_std: (3,) RGB normalisation, the same as the detector's.
         max_iter: SOLVER.MAX_ITER, for schedules that are functions of the global iteration.
         momentum_base, momentum_schedule: EMA coefficient and its schedule.
+
+    Attributes:
+        encoder, target_encoder: the online encoder and (after :meth:`build_momentum`) the target
+            one; plain attributes, their parts are registered under the detector's names.
     """
 
-    # Methods that compare whole images set this to True (MoCo-v2, BYOL, SwAV).
+    # Methods that compare whole images set this to True (MoCo-v2, BYOL, SwAV, CVSA; ReSim's
+    # instance branch): the default encoder then pools whole images (encoders.default_encoder_name).
     is_global = False
 
     @configurable
-    def __init__(self, *, backbone, roi_heads, pooler, pixel_mean, pixel_std, max_iter,
-                 momentum_base=0.999, momentum_schedule="constant", feature_dim=2048):
+    def __init__(self, *, encoder, pixel_mean, pixel_std, max_iter, momentum_base=0.999, momentum_schedule="constant"):
         super().__init__()
-        self.backbone = backbone
-        if roi_heads is not None:
-            self.roi_heads = roi_heads
-        self.pooler = pooler
+        for name, part in encoder.parts().items():  # backbone (, roi_heads): the detector's names
+            self.add_module(name, part)
+        object.__setattr__(self, "encoder", encoder)  # not a child: its parts are registered above
         self.max_iter = max_iter
         self.momentum_base, self.momentum_schedule = momentum_base, momentum_schedule
-        self.feature_dim = feature_dim
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
         self._fallback_iter = 0  # used only outside a trainer (no EventStorage)
@@ -70,22 +64,13 @@ class RegionSSLBase(nn.Module):
     @classmethod
     def from_config(cls, cfg):
         r = cfg.MODEL.REGIONSSL
-        kind = trunk_kind_from_cfg(cfg, default_global=cls.is_global)
-        backbone, roi_heads, dim = build_trunk(cfg, kind)
-        shapes = backbone.output_shape()
-        in_features = ["res5"] if kind == "global" else list(r.IN_FEATURES)
-        strides = {f: shapes[f].stride for f in in_features}
-        pooler = RegionPooler(kind, in_features, strides, r.ROI.POOLER_RESOLUTION, r.ROI.SAMPLING_RATIO, r.ROI.ALIGNED)
         return {
-            "backbone": backbone,
-            "roi_heads": roi_heads,
-            "pooler": pooler,
+            "encoder": build_encoder(cfg, image_level=cls.is_global),
             "pixel_mean": cfg.MODEL.PIXEL_MEAN,
             "pixel_std": cfg.MODEL.PIXEL_STD,
             "max_iter": cfg.SOLVER.MAX_ITER,
             "momentum_base": r.MOMENTUM.BASE,
             "momentum_schedule": r.MOMENTUM.SCHEDULE,
-            "feature_dim": dim,
         }
 
     # ---------------------------------------------------------------- helpers
@@ -93,14 +78,17 @@ class RegionSSLBase(nn.Module):
     def device(self):
         return self.pixel_mean.device
 
-    def online_modules(self, *extra):
-        """{name: module} of the online encoder (+ ``extra`` head names) for EMA/momentum copies."""
-        names = ("backbone", "roi_heads") + extra
-        return {n: getattr(self, n) for n in names if hasattr(self, n)}
+    def online_modules(self, *heads):
+        """{name: module} of the online encoder's parts (+ the ``heads`` named) for EMA/momentum copies."""
+        return {**self.encoder.parts(), **{n: getattr(self, n) for n in heads}}
 
-    def build_momentum(self, *extra):
-        """Create ``self.momentum``: frozen copies of the online encoder and ``extra`` heads."""
-        self.momentum = make_momentum_copy(self.online_modules(*extra))
+    def build_momentum(self, *heads):
+        """The target network: ``self.momentum``, frozen copies of the online encoder's parts and of
+        ``heads`` (``momentum.backbone``, ``momentum.projector``, ...), and ``self.target_encoder``,
+        the encoder made of those copies."""
+        self.momentum = make_momentum_copy(self.online_modules(*heads))
+        target = self.encoder.with_parts({n: self.momentum[n] for n in self.encoder.parts()})
+        object.__setattr__(self, "target_encoder", target)
 
     def needs_find_unused_parameters(self):
         """Whether DistributedDataParallel must look for parameters that get no gradient.
@@ -156,7 +144,7 @@ class RegionSSLBase(nn.Module):
         if x.is_floating_point():
             return x
         x = (x.float() - self.pixel_mean) / self.pixel_std
-        d = getattr(self.backbone, "size_divisibility", 0)
+        d = self.backbone.size_divisibility
         if d > 1:
             h, w = x.shape[-2:]
             x = F.pad(x, (0, (-w) % d, 0, (-h) % d))
@@ -231,12 +219,7 @@ class RegionSSLBase(nn.Module):
             (sum R_i, C) for region methods; for global methods the same pooled on each box
             with the res5 RoI pooling, so every method is probed on the same regions.
         """
-        features = self.backbone(images)
-        if self.pooler.kind == "global":
-            stride = self.backbone.output_shape()["res5"].stride
-            rois = boxes_to_rois(boxes)
-            return ROIAlign((7, 7), 1.0 / stride, 0, True)(features["res5"], rois).mean(dim=(2, 3))
-        return self.pooler(self, features, boxes).mean(dim=0)
+        return self.encoder.probe_regions(images, boxes)
 
     def losses(self, batched_inputs):
         raise NotImplementedError

@@ -17,9 +17,9 @@ import torch
 from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY
 
-from ..encoders import momentum_at
 from ..heads import MLP
 from ..losses import byol_regression
+from ..momentum import momentum_at
 from .base import RegionSSLBase
 
 __all__ = ["BYOLBase", "BYOL"]
@@ -77,7 +77,7 @@ class BYOLBase(RegionSSLBase):
         r = cfg.MODEL.REGIONSSL
         out, norm = r.PROJECTOR.OUT_DIM, r.PROJECTOR.NORM
         args.update(
-            projector=MLP(args["feature_dim"], r.PROJECTOR.HIDDEN_DIM, out, norm, last_bias=False),
+            projector=MLP(args["encoder"].out_channels, r.PROJECTOR.HIDDEN_DIM, out, norm, last_bias=False),
             predictor=MLP(out, r.PREDICTOR.HIDDEN_DIM, out, norm, last_bias=False),
         )
         return args
@@ -107,13 +107,22 @@ class BYOLBase(RegionSSLBase):
         boxes = self.view_boxes(batched_inputs, 0) + self.view_boxes(batched_inputs, 1)
         return images, boxes
 
-    def project(self, net, images, boxes):
-        """g(f(.)) of every row: (2R, D); rows 0..R-1 come from view 0, R..2R-1 from view 1.
+    def online_and_target(self, images, boxes):
+        """Both networks on the rows of ``images`` (2N) and ``boxes`` (2N lists).
 
-        ``net`` is ``self`` (online) or ``self.momentum`` (target).
+        Returns:
+            z: (2R, D) online projections g(f(.)); rows 0..R-1 come from view 0, R..2R-1 from view 1.
+            p: (2R, D) online predictions q(z).
+            z_t: (2R, D) target projections g'(f'(.)), no gradient.
+            maps: the online and the target encoder's feature maps ({name: (2N, C, h, w)} each).
         """
-        regions = self.pooler(net, net.backbone(images), boxes)  # (1, 2R, C)
-        return net.projector(regions[0])
+        features = self.encoder.features(images)
+        z = self.projector(self.encoder.pool(features, boxes)[0])  # (2R, D)
+        p = self.predictor(z)
+        with torch.no_grad():
+            t_features = self.target_encoder.features(images)
+            z_t = self.momentum.projector(self.target_encoder.pool(t_features, boxes)[0])
+        return z, p, z_t, (features, t_features)
 
     def symmetric_regression(self, p1, p2, z1, z2):
         """L = mean_i[ l(p1_i, z2_i) + l(p2_i, z1_i) ], l = 2 - 2 cos (fp32).
@@ -129,18 +138,16 @@ class BYOLBase(RegionSSLBase):
         return loss
 
     def byol_losses(self, images, boxes):
-        """``{"loss_<name>": L}`` for rows pooled from ``images`` (2N) with ``boxes`` (2N lists)."""
+        """``{"loss_<name>": L}`` for rows pooled from ``images`` (2N) with ``boxes`` (2N lists), and
+        the online and target feature maps (for losses on top of BYOL's, CVSA's)."""
         with torch.no_grad():
             self.step_target()
-        rows = images.shape[0] if self.pooler.kind == "global" else sum(len(b) for b in boxes)
+        rows = sum(len(b) for b in boxes) if self.encoder.pools_boxes else images.shape[0]
         # A process without any pair still runs every network on its 0 rows: their synchronised
         # BatchNorms (SyncBN, naiveSyncBN) are collectives the other processes wait in, and DDP
         # expects a gradient (here zero) for every parameter. Only hand-made inputs get here today:
         # the mapper re-draws or skips pairs without a box.
-        z = self.project(self, images, boxes)  # (2R, D)
-        p = self.predictor(z)
-        with torch.no_grad():
-            z_t = self.project(self.momentum, images, boxes)
+        z, p, z_t, maps = self.online_and_target(images, boxes)
         r = z.shape[0] // 2
         if rows == 0:
             logger.warning(f"{type(self).__name__}: batch without any region pair, loss set to 0")
@@ -150,10 +157,10 @@ class BYOLBase(RegionSSLBase):
             with torch.no_grad():
                 self.log(emb_std=self.embedding_std(z))
         self.log(num_pairs=r, momentum=self.current_momentum())
-        return {f"loss_{self.loss_name}": loss}
+        return {f"loss_{self.loss_name}": loss}, maps
 
     def losses(self, batched_inputs):
-        return self.byol_losses(*self.pair_inputs(batched_inputs))
+        return self.byol_losses(*self.pair_inputs(batched_inputs))[0]
 
 
 @META_ARCH_REGISTRY.register()

@@ -13,10 +13,10 @@ from detectron2.utils import comm
 
 from ...config import per_level
 from ...utils.distributed import all_gather_cat, world_size
-from ..encoders import ShufflePlan, shuffled_forward, split_forward
 from ..heads import MLP
 from ..losses import info_nce, info_nce_in_batch
 from ..queues import KeyQueues
+from ..shuffle import ShufflePlan, shuffled_forward, split_forward
 from .base import RegionSSLBase
 
 __all__ = ["ContrastiveBase"]
@@ -41,7 +41,7 @@ class ContrastiveBase(RegionSSLBase):
         super().__init__(**kwargs)
         self.projector = projector
         self.build_momentum("projector")
-        self.levels = ["global"] if self.pooler.kind == "global" else list(self.pooler.in_features)
+        self.levels = list(self.encoder.levels)
         assert len(level_weights) == len(self.levels), (
             f"MODEL.REGIONSSL.LEVEL_WEIGHTS has {len(level_weights)} entries for levels {self.levels}"
         )
@@ -53,25 +53,32 @@ class ContrastiveBase(RegionSSLBase):
     def from_config(cls, cfg):
         args = super().from_config(cfg)
         r = cfg.MODEL.REGIONSSL
-        if cls.is_global:
-            weights = per_level("MODEL.REGIONSSL.LEVEL_WEIGHTS", r.LEVEL_WEIGHTS, ["global"], "the image-level loss")
-        else:
-            weights = per_level("MODEL.REGIONSSL.LEVEL_WEIGHTS", r.LEVEL_WEIGHTS, r.IN_FEATURES)
         args.update(
-            projector=MLP(args["feature_dim"], r.PROJECTOR.HIDDEN_DIM, r.PROJECTOR.OUT_DIM, r.PROJECTOR.NORM,
+            projector=MLP(args["encoder"].out_channels, r.PROJECTOR.HIDDEN_DIM, r.PROJECTOR.OUT_DIM, r.PROJECTOR.NORM,
                           out_norm=r.PROJECTOR.OUT_NORM),
             queue_size=r.QUEUE.SIZE,
             temperature=r.TEMPERATURE,
-            level_weights=weights,
+            level_weights=cls.level_weights_from_config(cfg, args["encoder"]),
             shuffle_bn=r.SHUFFLE_BN,
             bn_splits=r.BN_SPLITS,
         )
         return args
 
-    def embed(self, net, images, boxes):
-        """L2-normalised embeddings (L, R, D) of ``boxes`` (or of whole images for global methods)."""
-        regions = self.pooler(net, net.backbone(images), boxes)  # (L, R, C)
-        z = net.projector(regions.flatten(0, 1)).view(regions.shape[0], regions.shape[1], -1)
+    @classmethod
+    def level_weights_from_config(cls, cfg, encoder):
+        """w_l per level of the InfoNCE branch: ``LEVEL_WEIGHTS``, one per pooled level (one for
+        the image-level loss of an encoder that pools whole images)."""
+        r = cfg.MODEL.REGIONSSL
+        if not encoder.pools_boxes:
+            return per_level("MODEL.REGIONSSL.LEVEL_WEIGHTS", r.LEVEL_WEIGHTS, ["global"], "the image-level loss")
+        return per_level("MODEL.REGIONSSL.LEVEL_WEIGHTS", r.LEVEL_WEIGHTS, r.IN_FEATURES)
+
+    @staticmethod
+    def embed(encoder, projector, images, boxes):
+        """L2-normalised embeddings (L, R, D) of ``boxes`` (or of whole images for an encoder that
+        pools images) by ``encoder`` and ``projector`` (online, or the target's)."""
+        regions = encoder(images, boxes)  # (L, R, C)
+        z = projector(regions.flatten(0, 1)).view(regions.shape[0], regions.shape[1], -1)
         return F.normalize(z, dim=-1)
 
     def key_plan(self, images, boxes):
@@ -79,14 +86,14 @@ class ContrastiveBase(RegionSSLBase):
         cross-process shuffle happens. Global methods have one key row per image (no box counts)."""
         if not self.shuffle_bn or world_size() == 1:
             return None
-        rows = None if self.pooler.kind == "global" else [len(b) for b in boxes]
+        rows = [len(b) for b in boxes] if self.encoder.pools_boxes else None
         return ShufflePlan.draw(images.shape[0], rows, images.device)
 
     def key_counts(self, images, plan):
         """Key rows of every rank (host ints) if known without an exchange, else None."""
         if plan is not None:
             return plan.rows_per_rank()
-        return [images.shape[0]] * world_size() if self.pooler.kind == "global" else None
+        return None if self.encoder.pools_boxes else [images.shape[0]] * world_size()
 
     @torch.no_grad()
     def key_embed(self, images, boxes, plan=None):
@@ -98,10 +105,10 @@ class ContrastiveBase(RegionSSLBase):
         levels = len(self.levels)
 
         def encode(im, bx):  # rows = regions, so shuffled_forward can route them back
-            z = self.embed(self.momentum, self.model_input(im), bx)
+            z = self.embed(self.target_encoder, self.momentum.projector, self.model_input(im), bx)
             return z.transpose(0, 1).reshape(z.shape[1], -1)
 
-        if self.pooler.kind == "global":
+        if not self.encoder.pools_boxes:
             boxes = None  # one row per image
         if self.shuffle_bn:
             flat = shuffled_forward(encode, images, boxes, self.bn_splits, plan)
@@ -163,7 +170,8 @@ class ContrastiveBase(RegionSSLBase):
 
     def query_embed(self, images, boxes):
         """Online-encoder embeddings (L, R, D) of the query view (in ``bn_splits`` BN groups)."""
-        return split_forward(lambda im, bx: self.embed(self, im, bx), images, boxes, self.bn_splits, dim=1)
+        return split_forward(lambda im, bx: self.embed(self.encoder, self.projector, im, bx), images, boxes,
+                             self.bn_splits, dim=1)
 
     def losses(self, batched_inputs):
         q = self.query_embed(self.view_batch(batched_inputs, 0), self.query_boxes(batched_inputs))

@@ -83,7 +83,7 @@ class CVSA(BYOLBase):
         r = cfg.MODEL.REGIONSSL
         dim, norm = r.CVSA.CONV_DIM, r.PROJECTOR.NORM
         args.update(
-            conv_projector=ConvMLP(args["feature_dim"], r.PROJECTOR.HIDDEN_DIM, dim, norm),
+            conv_projector=ConvMLP(args["encoder"].out_channels, r.PROJECTOR.HIDDEN_DIM, dim, norm),
             conv_predictor=ConvMLP(dim, r.PREDICTOR.HIDDEN_DIM, dim, norm),
             align_weight=r.CVSA.ALIGN_WEIGHT,
             align_temperature=r.CVSA.TEMPERATURE,
@@ -126,19 +126,9 @@ class CVSA(BYOLBase):
     def losses(self, batched_inputs):
         masks = self.view_masks(batched_inputs)  # (2N, 1, H, W), same order as the images
         images, boxes = self.pair_inputs(batched_inputs)  # (2N, 3, H, W): view 0 of every image, then view 1
-        with torch.no_grad():
-            self.step_target()
-        n = images.shape[0] // 2
-        features = self.backbone(images)
-        z = self.projector(self.pooler(self, features, boxes)[0])  # (2N, D) global projections
-        p = self.predictor(z)
+        losses, (features, t_features) = self.byol_losses(images, boxes)  # L_BYOL on the global projections
         q = self.conv_predictor(self.conv_projector(features["res5"]))  # (2N, D_c, h, w)
         with torch.no_grad():
-            t_features = self.momentum.backbone(images)
-            z_t = self.momentum.projector(self.pooler(self.momentum, t_features, boxes)[0])
             k = self.momentum.conv_projector(t_features["res5"])  # (2N, D_c, h, w)
-        loss_byol = self.symmetric_regression(p[:n], p[n:], z_t[:n], z_t[n:])
         loss_align = self.alignment_loss(q, k, self.mask_targets(masks, q.shape[-2:]))
-        with torch.no_grad():
-            self.log(emb_std=self.embedding_std(z), num_pairs=n, momentum=self.current_momentum())
-        return {"loss_byol": loss_byol, "loss_align": self.align_weight * loss_align}
+        return {**losses, "loss_align": self.align_weight * loss_align}

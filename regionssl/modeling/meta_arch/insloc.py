@@ -37,9 +37,10 @@ __all__ = ["InsLoc"]
 class InsLoc(ContrastiveBase):
     def query_boxes(self, batched_inputs):
         """Per-level query boxes: the pasted box, except the anchor-jittered one for the last
-        (coarsest, P5) level when the FPN variant has ``jittered_boxes``."""
+        (coarsest, P5) level when the encoder pools several levels (FPN) and the inputs have
+        ``jittered_boxes``."""
         boxes = self.view_boxes(batched_inputs, 0)
-        if self.pooler.kind != "fpn" or "jittered_boxes" not in batched_inputs[0]:
+        if len(self.levels) == 1 or "jittered_boxes" not in batched_inputs[0]:
             return boxes
         jittered = self.view_boxes(batched_inputs, 0, key="jittered_boxes")
         return [boxes] * (len(self.levels) - 1) + [jittered]

@@ -41,32 +41,17 @@ included; windows and negatives are then taken from the unshuffled maps.
 import torch
 import torch.nn.functional as F
 from detectron2.config import configurable
-from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
+from detectron2.modeling import META_ARCH_REGISTRY
 
 from ...config import per_level
 from ...utils.distributed import all_gather_cat, to_device, world_size
-from ..encoders import RegionPooler, boxes_to_rois, build_trunk, shuffled_forward
-from ..heads import MLP
 from ..losses import info_nce
+from ..poolers import boxes_to_rois
 from ..prroi_pool import prroi_pool_1x1
+from ..shuffle import shuffled_forward
 from .contrastive import ContrastiveBase
 
-__all__ = ["ReSim", "features_with_bottom_up", "window_rois", "pooled_negatives", "region_similarity_loss"]
-
-
-def features_with_bottom_up(backbone, images):
-    """FPN outputs (p*) and the bottom-up maps (res*) of one forward pass, in one dict.
-
-    Detectron2's ``FPN.forward`` returns only the p-levels; a forward hook on ``bottom_up``
-    keeps the res maps it computed (ReSim's instance branch needs res5).
-    """
-    captured = {}
-    handle = backbone.bottom_up.register_forward_hook(lambda _m, _i, out: captured.update(out))
-    try:
-        out = backbone(images)
-    finally:
-        handle.remove()
-    return {**captured, **out}
+__all__ = ["ReSim", "window_rois", "pooled_negatives", "region_similarity_loss"]
 
 
 def window_rois(batched_inputs, group, view, device):
@@ -129,6 +114,10 @@ def region_similarity_loss(query_map, key_map, rois_q, rois_k, negatives, spatia
 class ReSim(ContrastiveBase):
     """ReSim-FPN / ReSim-C4 (see the module docstring).
 
+    The encoder encodes whole views (the instance branch): ``GlobalEncoder`` on the FPN (res5 of its
+    bottom-up pass), ``C4Encoder`` on the C4 trunk (res5 of the whole res4 map). The region branch
+    reads the region levels from the same forward pass (``encoder.features``).
+
     Extra args:
         region_features: levels of the region branch, ``IN_FEATURES`` (["p4", "p3"] or ["res4"]).
         region_strides: their strides (16, 8).
@@ -136,6 +125,8 @@ class ReSim(ContrastiveBase):
         gather_negatives: per level, all-gather the negatives (official: [True, False]).
         negative_pool: kernel of the negatives' average pooling (3).
     """
+
+    is_global = True  # the encoder pools whole views; windows are pooled from its dense maps
 
     @configurable
     def __init__(self, *, region_features, region_strides, region_weights, gather_negatives, negative_pool, **kwargs):
@@ -156,58 +147,34 @@ class ReSim(ContrastiveBase):
 
     @classmethod
     def from_config(cls, cfg):
+        args = super().from_config(cfg)  # encoder, projector, queue, temperature, shuffle-BN
         r = cfg.MODEL.REGIONSSL
         levels = list(r.IN_FEATURES)
-        if "fpn" in cfg.MODEL.BACKBONE.NAME:
-            backbone, roi_heads = build_backbone(cfg), None
-            bottom = backbone.bottom_up.output_shape()
-            assert "res5" in bottom, "ReSim-FPN pools res5 for the instance branch: add res5 to RESNETS.OUT_FEATURES"
-            inst_dim = bottom["res5"].channels
-        else:
-            assert levels == ["res4"], f"ReSim-C4 pools windows on res4; MODEL.REGIONSSL.IN_FEATURES={levels}"
-            backbone, roi_heads, inst_dim = build_trunk(cfg, "c4")
-        shapes = backbone.output_shape()
+        shapes = args["encoder"].backbone.output_shape()
         missing = [f for f in levels if f not in shapes]
         assert not missing, f"MODEL.REGIONSSL.IN_FEATURES {missing} not produced by the backbone ({list(shapes)})"
         if cfg.INPUT.REGIONSSL.REGION_SAMPLER == "SlidingWindows":  # window group g <-> IN_FEATURES[g]
             per_level("INPUT.REGIONSSL.WINDOWS.SIZES", cfg.INPUT.REGIONSSL.WINDOWS.SIZES, levels)
-        gather = per_level("MODEL.REGIONSSL.RESIM.GATHER_NEGATIVES", r.RESIM.GATHER_NEGATIVES, levels)
-        return {
-            "backbone": backbone,
-            "roi_heads": roi_heads,
-            "pooler": RegionPooler("global", [], {}, 1, 0, False),  # instance branch: mean of res5
-            "pixel_mean": cfg.MODEL.PIXEL_MEAN,
-            "pixel_std": cfg.MODEL.PIXEL_STD,
-            "max_iter": cfg.SOLVER.MAX_ITER,
-            "momentum_base": r.MOMENTUM.BASE,
-            "momentum_schedule": r.MOMENTUM.SCHEDULE,
-            "feature_dim": inst_dim,
-            "projector": MLP(inst_dim, r.PROJECTOR.HIDDEN_DIM, r.PROJECTOR.OUT_DIM, r.PROJECTOR.NORM,
-                             out_norm=r.PROJECTOR.OUT_NORM),
-            "queue_size": r.QUEUE.SIZE,
-            "temperature": r.TEMPERATURE,
-            "level_weights": [r.RESIM.INSTANCE_WEIGHT],
-            "shuffle_bn": r.SHUFFLE_BN,
-            "region_features": levels,
-            "region_strides": [shapes[f].stride for f in levels],
-            "region_weights": per_level("MODEL.REGIONSSL.LEVEL_WEIGHTS", r.LEVEL_WEIGHTS, levels),
-            "gather_negatives": gather,
-            "negative_pool": r.RESIM.NEGATIVE_POOL,
-        }
+        args.update(
+            region_features=levels,
+            region_strides=[shapes[f].stride for f in levels],
+            region_weights=per_level("MODEL.REGIONSSL.LEVEL_WEIGHTS", r.LEVEL_WEIGHTS, levels),
+            gather_negatives=per_level("MODEL.REGIONSSL.RESIM.GATHER_NEGATIVES", r.RESIM.GATHER_NEGATIVES, levels),
+            negative_pool=r.RESIM.NEGATIVE_POOL,
+        )
+        return args
+
+    @classmethod
+    def level_weights_from_config(cls, cfg, encoder):
+        """The InfoNCE branch is the instance loss: its one weight is ``RESIM.INSTANCE_WEIGHT``
+        (``LEVEL_WEIGHTS`` weigh the region levels)."""
+        return [cfg.MODEL.REGIONSSL.RESIM.INSTANCE_WEIGHT]
 
     # ---------------------------------------------------------------- features
-    def trunk_features(self, net, images):
-        """{"res5": (N, 2048, H/32, W/32), level: (N, C, H/s, W/s) for each region level} of ``net``
-        (the model itself or ``self.momentum``)."""
-        if self.is_fpn:
-            return features_with_bottom_up(net.backbone, images)
-        feats = dict(net.backbone(images))
-        feats["res5"] = net.roi_heads.res5(feats["res4"])  # whole-map res5 = ResNet's stage 5
-        return feats
-
-    def instance_embedding(self, net, features):
-        """(1, N, D) L2-normalised MoCo embedding of whole views."""
-        z = net.projector(self.pooler(net, features, None)[0])  # (N, D)
+    @staticmethod
+    def instance_embedding(encoder, projector, features):
+        """(1, N, D) L2-normalised MoCo embedding of whole views from ``encoder``'s ``features``."""
+        z = projector(encoder.pool(features, None)[0])  # (N, D)
         return F.normalize(z, dim=1)[None]
 
     @torch.no_grad()
@@ -223,8 +190,8 @@ class ReSim(ContrastiveBase):
         """
 
         def encode(im, _boxes):  # one row per image, so shuffled_forward routes it back
-            feats = self.trunk_features(self.momentum, self.model_input(im))
-            k = self.instance_embedding(self.momentum, feats)[0]  # (N, D)
+            feats = self.target_encoder.features(self.model_input(im))
+            k = self.instance_embedding(self.target_encoder, self.momentum.projector, feats)[0]  # (N, D)
             return (k,) + tuple(feats[f] for f in self.region_features)
 
         if self.shuffle_bn:
@@ -263,8 +230,8 @@ class ReSim(ContrastiveBase):
         return losses
 
     def losses(self, batched_inputs):
-        query = self.trunk_features(self, self.view_batch(batched_inputs, 0))
-        q = self.instance_embedding(self, query)
+        query = self.encoder.features(self.view_batch(batched_inputs, 0))
+        q = self.instance_embedding(self.encoder, self.projector, query)
         with torch.no_grad():
             self.update_momentum()
             k, key_maps = self.key_features(self.view_pixels([d["views"][1] for d in batched_inputs]))
@@ -274,7 +241,7 @@ class ReSim(ContrastiveBase):
 
     def region_embedding(self, images, boxes):
         """Online PrRoIPool 1x1 features of ``boxes`` averaged over the region levels: (sum R_i, C)."""
-        feats = self.trunk_features(self, images)
+        feats = self.encoder.features(images)
         rois, counts = boxes_to_rois(boxes), [len(b) for b in boxes]
         pooled = [prroi_pool_1x1(feats[f], rois, 1.0 / s, counts) for f, s in zip(self.region_features, self.region_strides)]
         return torch.stack(pooled).mean(dim=0)

@@ -24,6 +24,7 @@ batch with a single pair still trains (2 rows). A batch without pairs cannot com
 """
 from detectron2.modeling import META_ARCH_REGISTRY
 
+from ..encoders import RoIEncoder
 from .byol import BYOLBase
 
 __all__ = ["SCRL"]
@@ -42,9 +43,9 @@ class SCRL(BYOLBase):
     @classmethod
     def from_config(cls, cfg):
         args = super().from_config(cfg)
-        kind = args["pooler"].kind
-        assert kind == "c5", (
+        encoder = args["encoder"]
+        assert isinstance(encoder, RoIEncoder), (
             "SCRL pools its boxes on res5: set MODEL.REGIONSSL.IN_FEATURES ['res5'] with a ResNet "
-            f"backbone (got pooler kind {kind!r})"
+            f"backbone (got {type(encoder).__name__})"
         )
         return args

@@ -48,8 +48,9 @@ from torch import nn
 
 from ...utils.distributed import all_gather_cat
 from ...utils.micro_batch import is_first_micro_batch, rows_at_step_end
-from ..encoders import RegionPooler
+from ..encoders import GlobalEncoder
 from ..heads import MLP
+from ..poolers import BoxPooler
 from ..sinkhorn import sinkhorn_knopp, swav_loss
 from .base import RegionSSLBase
 
@@ -73,7 +74,7 @@ class SwAV(RegionSSLBase):
         crops_for_assign: S, crops that get codes ([0, 1]).
         freeze_prototypes_iters: no prototype gradient for global iterations < this (5005 at B=256).
         queue_length: L rows per assigned crop (0 = no queue); queue_start_iter: first writing iter.
-        region_pooler: RegionPooler of kind "c5" for the region variant, or None.
+        region_pooler: :class:`BoxPooler` on res5 for the region variant, or None.
     """
 
     is_global = True
@@ -83,7 +84,8 @@ class SwAV(RegionSSLBase):
                  crops_for_assign, freeze_prototypes_iters, queue_length, queue_start_iter,
                  region_pooler=None, **kwargs):
         super().__init__(**kwargs)
-        assert self.pooler.kind == "global", "SwAV needs a ResNet backbone (res5), not an FPN"
+        assert isinstance(self.encoder, GlobalEncoder) and "res5" in self.backbone.output_shape(), (
+            "SwAV needs a ResNet backbone (res5), not an FPN")
         self.projector = projector
         dim = projector.out_features
         self.prototypes = nn.Linear(dim, num_prototypes, bias=False)
@@ -106,13 +108,12 @@ class SwAV(RegionSSLBase):
     def from_config(cls, cfg):
         args = super().from_config(cfg)
         r, s = cfg.MODEL.REGIONSSL, cfg.MODEL.REGIONSSL.SWAV
-        projector = MLP(args["feature_dim"], r.PROJECTOR.HIDDEN_DIM, r.PROJECTOR.OUT_DIM, r.PROJECTOR.NORM)
+        encoder = args["encoder"]
+        projector = MLP(encoder.out_channels, r.PROJECTOR.HIDDEN_DIM, r.PROJECTOR.OUT_DIM, r.PROJECTOR.NORM)
         region_pooler = None
         if s.REGION:
-            stride = args["backbone"].output_shape()["res5"].stride
-            region_pooler = RegionPooler(
-                "c5", ["res5"], {"res5": stride}, r.ROI.POOLER_RESOLUTION, r.ROI.SAMPLING_RATIO, r.ROI.ALIGNED
-            )
+            strides = {"res5": encoder.backbone.output_shape()["res5"].stride}
+            region_pooler = BoxPooler(["res5"], strides, r.ROI.POOLER_RESOLUTION, r.ROI.SAMPLING_RATIO, r.ROI.ALIGNED)
         args.update(
             projector=projector,
             num_prototypes=s.NUM_PROTOTYPES,
@@ -227,9 +228,9 @@ class SwAV(RegionSSLBase):
             while end < len(sizes) and sizes[end] == sizes[start]:
                 end += 1
             x = torch.cat([self.view_batch(batched_inputs, v) for v in range(start, end)])
-            res5 = self.backbone(x)["res5"]  # ((end - start) N, 2048, h, w)
-            pooled.append(res5.mean(dim=(2, 3)))
-            maps.extend(res5.split(n))
+            features = self.encoder.features(x)  # res5: ((end - start) N, 2048, h, w)
+            pooled.append(self.encoder.pool(features)[0])
+            maps.extend(features["res5"].split(n))
             start = end
         z = F.normalize(self.projector(torch.cat(pooled)), dim=1)  # (V N, D), crop-major
         return z.view(len(sizes), n, -1), maps
@@ -237,7 +238,7 @@ class SwAV(RegionSSLBase):
     def region_swapped_prediction(self, batched_inputs, maps):
         """Region variant: swapped prediction between the aligned boxes of crops 0 and 1."""
         feats = [
-            self.region_pooler(self, {"res5": maps[v]}, self.view_boxes(batched_inputs, v))[0]  # (R, 2048)
+            self.region_pooler({"res5": maps[v]}, self.view_boxes(batched_inputs, v))[0].mean(dim=(2, 3))  # (R, 2048)
             for v in (0, 1)
         ]
         z = F.normalize(self.projector(torch.cat(feats)), dim=1).view(2, feats[0].shape[0], -1)
