@@ -1,8 +1,8 @@
 """Cost of one pretraining step: InsLoc-FPN and InsLoc-C4 against MoCo-v2, same R50, batch, input.
 
-One step = forward (query encoder + momentum update + shuffle-BN key encoder + InfoNCE + enqueue)
-+ backward + optimizer step, exactly what ``SimpleTrainer.run_step`` does, with the optimizer
-``PretrainTrainer`` builds (SGD, Nesterov for InsLoc). Every model gets its own real mapper's
+One step = forward (query encoder + shuffle-BN key encoder + InfoNCE + enqueue) + backward +
+optimizer step + momentum update, exactly what ``SimpleTrainer.run_step`` and the trainer's
+``ModelStepHook`` do, with the optimizer ``PretrainTrainer`` builds (SGD, Nesterov for InsLoc). Every model gets its own real mapper's
 batch at the same canvas (``--size``; InsLoc: CopyPaste with foreground size [S/2, S), the
 official 128-255 of 256; MoCo-v2: TwoCrops), made once and reused, so data time is excluded.
 Queues have the real K = 65536. Models are timed in interleaved rounds (order rotated each
@@ -84,11 +84,13 @@ class Timer:
         setattr(obj, attr, wrapped)
 
 
-def step(model, optimizer, data, timer):
-    """One training step; returns (wall s, process CPU s, {section: wall s})."""
+def step(model, optimizer, data, timer, iteration=0):
+    """One training step (with what ModelStepHook does around it); returns (wall s, process CPU s,
+    {section: wall s})."""
     timer.t.clear()
     cpu = time.process_time()
     start = time.perf_counter()
+    model.before_step(iteration)
     losses = model(data)
     total = sum(losses.values())
     optimizer.zero_grad()
@@ -96,8 +98,10 @@ def step(model, optimizer, data, timer):
     total.backward()
     t1 = time.perf_counter()
     optimizer.step()
+    t2 = time.perf_counter()
+    model.after_step()  # EMA (timed as momentum_ema)
     end = time.perf_counter()
-    timer.t["backward"], timer.t["optimizer"] = t1 - t0, end - t1
+    timer.t["backward"], timer.t["optimizer"] = t1 - t0, t2 - t1
     return end - start, time.process_time() - cpu, dict(timer.t)
 
 

@@ -4,6 +4,7 @@
   on ``sys.path`` so tests import the tools as modules.
 * :func:`cfg_of` / :func:`qs_cfg`: a regionssl config on CPU.
 * :func:`launch_cpu`: N gloo processes through Detectron2's ``launch`` on a free local port.
+* :class:`Interrupt`: a hook that stops training after a given iteration (after its checkpoint).
 * The tiny synthetic COCO / VOC sets (``tools/build_tiny_datasets.py``) are registered here, at their
   default root (built on first use); the ``tiny_root`` fixture re-registers them under a per-session
   temporary root for the tests that inspect the files.
@@ -13,6 +14,7 @@ import socket
 import sys
 
 import pytest
+from detectron2.engine import HookBase
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(ROOT, "configs")
@@ -50,6 +52,21 @@ def launch_cpu(fn, args, num_processes=2, **kwargs):
     from detectron2.engine import launch
 
     launch(fn, num_processes, dist_url=f"tcp://127.0.0.1:{free_port()}", args=tuple(args), **kwargs)
+
+
+class Interrupt(HookBase):
+    """Raises :class:`Interrupt.Stop` at the end of iteration ``at_iter``; registered after the
+    trainer's own hooks, it runs after the checkpointer (a preemption right after a checkpoint)."""
+
+    class Stop(Exception):
+        pass
+
+    def __init__(self, at_iter):
+        self.at_iter = at_iter
+
+    def after_step(self):
+        if self.trainer.iter == self.at_iter:
+            raise self.Stop()
 
 
 @pytest.fixture(scope="session")

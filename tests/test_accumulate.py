@@ -17,6 +17,7 @@ import regionssl  # noqa: F401
 from regionssl.data import RegionSSLDatasetMapper, get_pretrain_dataset_dicts
 from regionssl.engine import PretrainTrainer
 from regionssl.engine.accumulate import AccumulatingTrainer, build_step_runner
+from regionssl.engine.hooks import ModelStepHook
 from regionssl.engine.setup import auto_scale_workers
 
 from conftest import QS, ROOT, cfg_of
@@ -88,10 +89,15 @@ def _batches(cfg, n):
 
 
 def _train(runner, steps):
+    """``steps`` optimizer steps of a step runner with the pretraining trainer's ModelStepHook."""
+    runner.register_hooks([ModelStepHook()])
     with EventStorage(0) as storage:
+        runner.storage = storage  # as TrainerBase.train sets it
         for it in range(steps):
             storage.iter = runner.iter = it
+            runner.before_step()
             runner.run_step()
+            runner.after_step()
             storage.step()
 
 
@@ -160,7 +166,7 @@ def test_pretrain_trainer_accumulates(tmp_path):
     cfg.OUTPUT_DIR = str(tmp_path)
     trainer = PretrainTrainer(cfg)
     assert isinstance(trainer._trainer, AccumulatingTrainer)
-    assert len(next(iter(trainer._trainer.data_loader))) == 2  # micro-batches of 4 / 2 images
+    assert len(next(iter(trainer.data_loader))) == 2  # micro-batches of 4 / 2 images
     trainer.train()
     assert trainer.iter == 2  # iterations count optimizer steps
     assert int(trainer.model.queues.fill[0]) == 8  # 2 steps x 4 keys

@@ -218,7 +218,7 @@ def test_skipped_files_counted_over_workers_in_metrics_and_summary(tmp_path, cap
 
     from detectron2.utils.events import EventStorage
 
-    from regionssl.engine.hooks import CollectSkippedFiles, SkippedFilesHook
+    from regionssl.engine.hooks import PretrainLoader, SkippedFilesHook
     from tools.summarize_run import main as summarize
 
     bad = _folder_with_bad_files(tmp_path / "imgs")
@@ -226,9 +226,9 @@ def test_skipped_files_counted_over_workers_in_metrics_and_summary(tmp_path, cap
     cfg.DATASETS.TRAIN = (f"folder:{tmp_path / 'imgs'}",)
     cfg.SOLVER.IMS_PER_BATCH = 2
     cfg.DATALOADER.NUM_WORKERS = 2
-    collector = CollectSkippedFiles(build_pretrain_train_loader(cfg))
+    collector = PretrainLoader(build_pretrain_train_loader(cfg))
     out = tmp_path / "pretrain"
-    trainer = types.SimpleNamespace(_trainer=types.SimpleNamespace(data_loader=collector), iter=0, max_iter=12)
+    trainer = types.SimpleNamespace(data_loader=collector, iter=0, max_iter=12)
     hook = SkippedFilesHook(str(out))
     hook.trainer = trainer
     with EventStorage(0) as storage, caplog.at_level(logging.INFO):

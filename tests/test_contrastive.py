@@ -26,7 +26,7 @@ from regionssl.modeling.shuffle import shuffled_forward, split_forward
 from regionssl.modeling.losses import info_nce, info_nce_in_batch
 from regionssl.modeling.queues import KeyQueues
 
-from conftest import launch_cpu, qs_cfg
+from conftest import Interrupt, launch_cpu, qs_cfg
 
 # Tiny views keep every R50 forward/backward to about a second on CPU (FPN needs a multiple of 32).
 TINY = ["MODEL.DEVICE", "cpu", "INPUT.REGIONSSL.CROP_SIZE", 64, "INPUT.REGIONSSL.COPY_PASTE.FG_SIZE", [24, 60]]
@@ -321,15 +321,6 @@ def test_forward_backward_gradients(config, losses):
     assert int(model.queues.fill.sum()) == len(model.levels) * len(batch)
 
 
-class _Interrupt(HookBase):
-    class Stop(Exception):
-        pass
-
-    def after_step(self):  # runs after the PeriodicCheckpointer hook
-        if self.trainer.iter == 1:
-            raise self.Stop()
-
-
 class _RecordIters(HookBase):
     def __init__(self):
         self.iters = []
@@ -342,9 +333,9 @@ def test_resume_restores_queues_pointer_and_momentum_exactly(tmp_path):
     cfg = _cfg("insloc_c4_instant_test.yaml", "SOLVER.MAX_ITER", 4, "SOLVER.CHECKPOINT_PERIOD", 2,
                "SOLVER.IMS_PER_BATCH", 2, "OUTPUT_DIR", str(tmp_path))
     first = PretrainTrainer(cfg)
-    first.register_hooks([_Interrupt()])
+    first.register_hooks([Interrupt(1)])
     first.resume_or_load(resume=False)
-    with pytest.raises(_Interrupt.Stop):
+    with pytest.raises(Interrupt.Stop):
         first.train()  # interrupted after iteration 1, i.e. after 2 steps and the checkpoint
     saved = torch.load(os.path.join(str(tmp_path), "model_0000001.pth"), weights_only=False)
     assert saved["iteration"] == 1

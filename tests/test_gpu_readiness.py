@@ -145,6 +145,7 @@ def test_swav_queue_scores_are_fp32_under_autocast(monkeypatch):
     monkeypatch.setattr(swav_module, "sinkhorn_knopp", lambda s, *a, **k: seen.append(s) or real(s, *a, **k))
     z = F.normalize(torch.randn(2, 3, 128), dim=-1)
     queue = model.queue.clone()  # the step writes its batch after taking the scores
+    model.iteration = 5
     with EventStorage(5), torch.autocast("cpu", dtype=torch.bfloat16):
         model.swapped_prediction(z)
     C = model.prototypes.weight.detach()
@@ -219,11 +220,13 @@ def _no_pair_check(out_dir):
               "boxes": [box, box], "valid": torch.tensor([rank == 0, rank == 0])} for _ in range(2)]
     losses = []
     for it in range(2):
+        model.module.before_step(it)
         with EventStorage(it):
             loss = model(batch)["loss_scrl"]
         opt.zero_grad()
         loss.backward()
         opt.step()
+        model.module.after_step()
         losses.append(float(loss))
     module = model.module
     torch.save({"losses": losses,

@@ -24,7 +24,7 @@ from regionssl.modeling.heads import MLP, NaiveSyncBatchNorm1d
 from regionssl.modeling.meta_arch import BYOL, SCRL
 from regionssl.solver import LARS
 
-from conftest import launch_cpu, qs_cfg
+from conftest import Interrupt, launch_cpu, qs_cfg
 
 CROP = 64  # real-mapper smoke runs (ResNet-50)
 TINY = 32  # ResNet-18 math tests: res5 is 1x1
@@ -151,6 +151,7 @@ def test_gradients_reach_online_only_and_ema_follows_formula(config):
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
 
     with EventStorage(0) as storage:
+        model.before_step(0)  # what the trainer's ModelStepHook does around every step
         target_before = _snapshot(model.momentum.named_parameters())
         losses = model(batch)
         assert list(losses) == [f"loss_{model.loss_name}"]
@@ -162,19 +163,22 @@ def test_gradients_reach_online_only_and_ema_follows_formula(config):
             assert any(g is not None and g.abs().sum() > 0 for n, g in grads.items() if n.startswith(prefix)), prefix
         assert all(p.grad is None for p in model.momentum.parameters())
         opt.step()
-        # iteration 0: no EMA update yet, and the optimizer never touches the target
+        # neither the forward nor the optimizer touch the target
         for name, p in model.momentum.named_parameters():
             assert torch.equal(p, target_before[name]), name
         assert storage.latest()["regionssl/num_pairs"][0] == (2 if model.is_global else 4)
 
-        # iteration k: the forward first applies the EMA owed for step k-1 with tau_{k-1}
+        # iteration k: after the optimizer step, the EMA with tau_k (official order)
         k = 37
         storage.iter = k
+        model.before_step(k)
         opt.zero_grad()
+        sum(model(batch).values()).backward()
+        opt.step()
         xi = _snapshot(model.momentum.named_parameters())
         theta = _snapshot(model.named_parameters())
-        model(batch)
-        tau = momentum_at(k - 1, 100, 0.97, "cosine")
+        model.after_step()
+        tau = momentum_at(k, 100, 0.97, "cosine")
         for name, p in model.momentum.named_parameters():
             torch.testing.assert_close(p, tau * xi[name] + (1 - tau) * theta[name], rtol=1e-5, atol=1e-6)
         assert storage.latest()["regionssl/momentum"][0] == pytest.approx(tau)
@@ -182,21 +186,19 @@ def test_gradients_reach_online_only_and_ema_follows_formula(config):
 
 def test_ema_schedule_start_middle_end():
     model = build_model(_tiny_cfg("scrl_instant_test.yaml", "SOLVER.MAX_ITER", "200"))
-    expected = {  # forward at iteration k applies tau_{k-1} = 1 - (1 - 0.97)(cos(pi (k-1)/200) + 1)/2
-        1: 0.97,  # start: tau_0 = tau_base
-        101: 1 - 0.03 * 0.5,  # middle: cos(pi/2) = 0
-        201: 1.0,  # end: tau_K = 1
-        151: 1 - 0.03 * (math.cos(math.pi * 150 / 200) + 1) / 2,
+    expected = {  # after optimizer step k: tau_k = 1 - (1 - 0.97)(cos(pi k/200) + 1)/2
+        0: 0.97,  # start: tau_0 = tau_base
+        100: 1 - 0.03 * 0.5,  # middle: cos(pi/2) = 0
+        200: 1.0,  # end: tau_K = 1
+        150: 1 - 0.03 * (math.cos(math.pi * 150 / 200) + 1) / 2,
     }
     for k, tau in expected.items():
-        with EventStorage(k):
-            assert model.current_momentum() == pytest.approx(tau, abs=1e-12)
-    with EventStorage(0):  # nothing owed before the first optimizer step
-        assert model.step_target() is None
+        model.before_step(k)
+        assert model.current_momentum() == pytest.approx(tau, abs=1e-12)
 
 
 def test_resume_reproduces_the_uninterrupted_target():
-    """Steps 0..2 in one go == steps 0..1, checkpoint, fresh model, step 2 (EventStorage start_iter 2)."""
+    """Steps 0..2 in one go == steps 0..1, checkpoint, fresh model, step 2 (started at iteration 2)."""
     cfg = _tiny_cfg("scrl_instant_test.yaml", "SOLVER.MAX_ITER", "4")
     batch = _synthetic_batch()
 
@@ -205,9 +207,11 @@ def test_resume_reproduces_the_uninterrupted_target():
         with EventStorage(start) as storage:
             for it in range(start, stop):
                 storage.iter = it
+                model.before_step(it)  # the trainer's ModelStepHook
                 opt.zero_grad()
                 sum(model(batch).values()).backward()
                 opt.step()
+                model.after_step()
 
     _set_seed(0)
     a = build_model(cfg).train()
@@ -221,7 +225,7 @@ def test_resume_reproduces_the_uninterrupted_target():
     run(c, 2, 3)
     for (name, pa), pc in zip(a.momentum.state_dict().items(), c.momentum.state_dict().values()):
         torch.testing.assert_close(pa, pc, rtol=0, atol=0, msg=name)
-    # and the target did move: EMA updates at iterations 1 and 2 with tau < 1. A target tensor can
+    # and the target did move: EMA updates after steps 0, 1 and 2 with tau < 1. A target tensor can
     # only move where its online twin moved (a bias in front of a BatchNorm has a float-noise
     # gradient and may not move at all, depending on the CPU); every conv/linear weight must move.
     online = dict(a.named_parameters())
@@ -231,6 +235,36 @@ def test_resume_reproduces_the_uninterrupted_target():
         assert online_moved or not target_moved, n
         if p.dim() > 1:
             assert target_moved, n
+
+
+def test_trainer_resume_with_the_cosine_ema_is_bit_exact(tmp_path):
+    """Through PretrainTrainer and its hooks (iteration before the step, EMA after the optimizer step
+    and before the checkpointer): BYOL, 4 steps in one go == 2 steps, preempted right after the
+    checkpoint, a new trainer resumed for the other 2. The cosine tau changes every step."""
+    from detectron2.utils.env import seed_all_rng
+
+    def trainer(out):
+        seed_all_rng(0)  # as train_net's default_setup does with SEED 0
+        cfg = _tiny_cfg("byol_instant_test.yaml", "SOLVER.MAX_ITER", "4", "SOLVER.CHECKPOINT_PERIOD", "2",
+                        "SOLVER.IMS_PER_BATCH", "2", "DATALOADER.NUM_WORKERS", "0", "OUTPUT_DIR", str(out))
+        return PretrainTrainer(cfg)
+
+    uninterrupted = trainer(tmp_path / "a")
+    start = {k: v.clone() for k, v in uninterrupted.model.state_dict().items()}
+    uninterrupted.train()
+    first = trainer(tmp_path / "b")
+    first.register_hooks([Interrupt(1)])
+    with pytest.raises(Interrupt.Stop):
+        first.train()
+    second = trainer(tmp_path / "b")
+    second.resume_or_load(resume=True)
+    assert second.start_iter == 2
+    second.train()
+    expected, final = uninterrupted.model.state_dict(), second.model.state_dict()
+    for key, value in expected.items():
+        assert torch.equal(final[key], value), key
+    moved = [k for k, v in expected.items() if k.startswith("momentum.") and v.dim() > 1 and not torch.equal(v, start[k])]
+    assert moved  # the EMA did run
 
 
 # ------------------------------------------------------------------------------------------ few boxes

@@ -61,6 +61,7 @@ def _unit(*shape, seed):
 
 
 def _step(model, z, it):
+    model.iteration = it  # what the trainer's ModelStepHook sets before step ``it``
     with EventStorage(it):
         return model.swapped_prediction(z)
 
@@ -71,6 +72,7 @@ def test_loss_equals_direct_computation():
     model = _model(cfg)
     V, N, tau = 4, 6, 0.1
     z = _unit(V, N, 128, seed=1).requires_grad_()  # stands in for the encoder output
+    model.iteration = 5
     with EventStorage(5):  # not frozen: the gradient reaches the prototypes
         loss, codes = model.swapped_prediction(z)
         loss.backward()
@@ -88,6 +90,7 @@ def test_loss_equals_direct_computation():
         torch.testing.assert_close(q, r, atol=1e-6, rtol=1e-4)
     assert model.prototypes.weight.grad is not None and model.prototypes.weight.grad.abs().sum() > 0
     model.prototypes.weight.grad = None
+    model.iteration = 2
     with EventStorage(2):  # frozen: scores use C.detach(), the weight gets no gradient at all
         loss2, _ = model.swapped_prediction(z)
         loss2.backward()
@@ -105,6 +108,7 @@ def test_training_steps_prototypes_unit_frozen_then_moving():
     opt = LARS(build_lars_param_groups(model, 0.6, 1e-6, False), lr=0.6, momentum=0.9, eta=1e-3)
     w0 = model.prototypes.weight.detach().clone()
     for it in range(2):
+        model.before_step(it)  # the trainer's ModelStepHook: iteration, prototype normalisation
         with EventStorage(it):
             losses = model(batch)
         assert set(losses) == {"loss_swav"} and torch.isfinite(losses["loss_swav"])
@@ -127,6 +131,7 @@ def test_forward_backward_two_plus_six_crops():
     model = _model(cfg)
     batch = _batch(cfg)
     assert len(batch[0]["views"]) == 8 and batch[0]["views"][2].shape[-1] == 16
+    model.before_step(10)
     with EventStorage(10) as storage:
         losses = model(batch)
         losses["loss_swav"].backward()
@@ -149,6 +154,7 @@ def test_region_variant_forward_backward():
     )
     model = _model(cfg)
     batch = _batch(cfg)
+    model.before_step(10)
     with EventStorage(10) as storage:
         losses = model(batch)
         total = sum(losses.values())
@@ -229,6 +235,7 @@ def _two_process_worker(zs, prototypes, out_dir):
              for _ in range(2)]
     grads = []
     for it in range(2):
+        ddp.module.before_step(it)
         with EventStorage(it):
             loss = ddp(batch)["loss_swav"]
         ddp.zero_grad(set_to_none=True)

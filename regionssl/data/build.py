@@ -18,8 +18,8 @@ class ResumableTrainingSampler(TrainingSampler):
     """Detectron2's ``TrainingSampler`` (same infinite shuffled stream, same seed rule) whose stream
     can start after the ``skip`` indices this process consumed before a resume.
 
-    ``skip`` and the seed are set by :class:`regionssl.engine.resume.DataStateHook` from the
-    checkpoint before the loader's iterator is created (the loader iterates lazily).
+    :meth:`resume` sets ``skip`` and the seed (:class:`regionssl.engine.resume.DataStateHook`, from
+    the checkpoint) before the loader's iterator is created (the loader iterates lazily).
 
     With ``weights`` (one per image) the stream instead draws images independently with
     probability proportional to their weight (e.g. :func:`group_balanced_weights`).
@@ -31,6 +31,15 @@ class ResumableTrainingSampler(TrainingSampler):
         super().__init__(size, **kwargs)
         self._weights = None if weights is None else torch.as_tensor(weights, dtype=torch.float64)
         assert self._weights is None or self._weights.shape == (size,), "one weight per image"
+
+    @property
+    def seed(self):
+        """The seed of the stream (Detectron2's ``TrainingSampler`` keeps it in ``_seed``)."""
+        return self._seed
+
+    def resume(self, seed, skip):
+        """Continue the stream of ``seed`` after the first ``skip`` indices of this process."""
+        self._seed, self.skip = int(seed), int(skip)
 
     def _infinite_indices(self):
         if self._weights is None:

@@ -1,5 +1,13 @@
-"""Pretraining hooks: view-pair pictures in TensorBoard, the periodic retrieval probe and the
-count of unreadable image files the loader skipped."""
+"""Pretraining hooks and the loader they read.
+
+* :class:`ModelStepHook` hands the step-dependent state to the model: the iteration before the
+  step, the once-per-step updates (EMA of the target network) after the optimizer step;
+* :class:`PretrainLoader` wraps the pretraining loader: it collects the unreadable files the mapper
+  skipped, keeps the last batch for pictures and lets :class:`~regionssl.engine.resume.DataStateHook`
+  act when the stream starts;
+* :class:`SkippedFilesHook`, :class:`ViewPairVisualizer`, :class:`ProbeHook`: the count of skipped
+  files, view-pair pictures in TensorBoard, the periodic retrieval probe.
+"""
 import logging
 import os
 
@@ -7,50 +15,75 @@ from detectron2.engine import HookBase
 from detectron2.utils import comm
 from detectron2.utils.events import get_event_storage
 
+from ..data.build import ResumableTrainingSampler
+
 __all__ = [
-    "ViewPairVisualizer", "ProbeHook", "build_pretrain_hooks", "RememberLastBatch", "CollectSkippedFiles",
-    "SkippedFilesHook",
+    "ModelStepHook", "PretrainLoader", "ViewPairVisualizer", "ProbeHook", "SkippedFilesHook", "build_pretrain_hooks",
 ]
 
 
-class RememberLastBatch:
-    """Iterable wrapper of a data loader that keeps the batch it yielded last (for pictures)."""
+def _bare(model):
+    """The model inside a DistributedDataParallel wrapper (``.module``), or the model itself."""
+    return getattr(model, "module", model)
 
-    def __init__(self, loader):
-        self.loader, self.last_batch = loader, None
+
+class ModelStepHook(HookBase):
+    """Step-dependent state of a pretraining model, from the trainer (never read inside ``forward``).
+
+    Before each step: ``model.before_step(trainer.iter)`` (the global iteration every schedule
+    reads). After it, once the optimizer has stepped: ``model.after_step()`` (the EMA of the target
+    network with that iteration's coefficient, as the official codes order it; SwAV re-normalises
+    its prototypes at the start of a step). Register it before the checkpointer, so a checkpoint
+    holds the target updated for its iteration, and before the iteration timer, so the step's time
+    includes the EMA. With gradient accumulation both run once per optimizer step.
+    """
+
+    def before_step(self):
+        _bare(self.trainer.model).before_step(self.trainer.iter)
+
+    def after_step(self):
+        _bare(self.trainer.model).after_step()
+
+
+class PretrainLoader:
+    """Iterable over the pretraining loader's batches, with what the pretraining hooks read.
+
+    Attributes:
+        files: the distinct unreadable files skipped so far by every loader worker of this process
+            (each mapped dict carries the ``skipped_files`` its worker met since its previous output).
+        last_batch: the batch yielded last (kept only with ``keep_last_batch``: pictures).
+        sampler: the :class:`ResumableTrainingSampler` of the stream, or None.
+
+    :meth:`at_start` registers a function that runs once the underlying loader's iterator exists
+    (torch's DataLoader draws its workers' base seed from the global generator then) and before the
+    first batch is made.
+    """
+
+    def __init__(self, loader, keep_last_batch=False):
+        self.loader, self.keep_last_batch = loader, keep_last_batch
+        self.files, self.last_batch, self._at_start = set(), None, []
+
+    @property
+    def sampler(self):
+        sampler = getattr(getattr(self.loader, "dataset", None), "sampler", None)  # Detectron2's ToIterableDataset
+        return sampler if isinstance(sampler, ResumableTrainingSampler) else None
+
+    def at_start(self, fn):
+        self._at_start.append(fn)
 
     def __iter__(self):
-        for batch in self.loader:
-            self.last_batch = batch
-            yield batch
-
-    def __len__(self):
-        return len(self.loader)
-
-
-class CollectSkippedFiles:
-    """Iterable wrapper of the pretraining loader that collects the ``skipped_files`` each mapped
-    dict carries (the unreadable files its worker met since that worker's previous output), so
-    ``files`` is the set of distinct skipped files over every loader worker of this process."""
-
-    def __init__(self, loader):
-        self.loader, self.files = loader, set()
-
-    def __iter__(self):
-        for batch in self.loader:
+        batches = iter(self.loader)
+        while self._at_start:
+            self._at_start.pop(0)()
+        for batch in batches:
             for d in batch:
                 self.files.update(d.get("skipped_files", ()))
+            if self.keep_last_batch:
+                self.last_batch = batch
             yield batch
 
     def __len__(self):
         return len(self.loader)
-
-
-def _find_loader(loader, kind):
-    """The ``kind`` wrapper among ``loader`` and the loaders it wraps (``.loader``), or None."""
-    while loader is not None and not isinstance(loader, kind):
-        loader = getattr(loader, "loader", None)
-    return loader
 
 
 class SkippedFilesHook(HookBase):
@@ -62,10 +95,10 @@ class SkippedFilesHook(HookBase):
         self._output_dir, self._files, self._final = output_dir, set(), False
 
     def after_step(self):
-        collector = _find_loader(self.trainer._trainer.data_loader, CollectSkippedFiles)
-        if collector is None:
+        loader = self.trainer.data_loader
+        if not isinstance(loader, PretrainLoader):
             return
-        self._files = set(collector.files)
+        self._files = set(loader.files)
         if self.trainer.iter == self.trainer.max_iter - 1:  # every rank is here: safe to gather
             if comm.get_world_size() > 1:
                 self._files = set().union(*comm.all_gather(sorted(self._files)))
@@ -100,7 +133,7 @@ class ViewPairVisualizer(HookBase):
             return
         from ..utils.visualize import draw_sample
 
-        batch = getattr(self.trainer._trainer.data_loader, "last_batch", None)
+        batch = getattr(self.trainer.data_loader, "last_batch", None)
         if not batch:
             return
         picture = draw_sample(batch[0])  # (H, W, 3) uint8
@@ -116,8 +149,7 @@ class ProbeHook(HookBase):
     def _run(self):
         from ..probe import run_probe
 
-        model = getattr(self.trainer.model, "module", self.trainer.model)
-        result = run_probe(model, self._cfg)
+        result = run_probe(_bare(self.trainer.model), self._cfg)
         if comm.is_main_process():
             storage = get_event_storage()
             for k, v in result.items():

@@ -26,19 +26,11 @@ from detectron2.engine import HookBase
 from detectron2.utils import comm
 from detectron2.utils.env import seed_all_rng
 
-from ..data.build import ResumableTrainingSampler
+from .hooks import PretrainLoader
 
 __all__ = ["DataStateHook"]
 
 logger = logging.getLogger(__name__)
-
-
-def _sampler_of(loader):
-    """The ResumableTrainingSampler behind a (possibly wrapped) Detectron2 train loader, else None."""
-    while hasattr(loader, "loader"):  # RememberLastBatch, CollectSkippedFiles
-        loader = loader.loader
-    sampler = getattr(getattr(loader, "dataset", None), "sampler", None)  # ToIterableDataset
-    return sampler if isinstance(sampler, ResumableTrainingSampler) else None
 
 
 def _rng_state():
@@ -73,12 +65,14 @@ class DataStateHook(HookBase):
         self._images_per_step = images_per_step
         self._loaded = None
 
-    def _sampler(self):
-        return _sampler_of(self.trainer._trainer.data_loader)
+    def _loader(self):
+        loader = self.trainer.data_loader
+        return loader if isinstance(loader, PretrainLoader) else None
 
     def state_dict(self):
-        sampler = self._sampler()
-        return {"seed": sampler._seed if sampler is not None else -1, "rng": _rng_state()}
+        loader = self._loader()
+        sampler = loader.sampler if loader is not None else None
+        return {"seed": sampler.seed if sampler is not None else -1, "rng": _rng_state()}
 
     def load_state_dict(self, state):
         self._loaded = state  # applied in before_train, once start_iter is known
@@ -88,16 +82,22 @@ class DataStateHook(HookBase):
         if state is None:
             return
         start = self.trainer.start_iter
-        sampler = self._sampler()
-        if sampler is not None and state["seed"] >= 0:
-            sampler._seed, sampler.skip = int(state["seed"]), start * self._images_per_step
-        # torch's DataLoader draws its base seed from the global RNG when its iterator is made: make
-        # it now, so the restored state below is the one the next step draws from, as in the first run
-        self.trainer._trainer._data_loader_iter
+        loader = self._loader()
+        if loader is None:
+            return
+        if loader.sampler is not None and state["seed"] >= 0:
+            loader.sampler.resume(int(state["seed"]), start * self._images_per_step)
         rank = comm.get_rank()
-        if rank == 0:
-            _set_rng_state(state["rng"])
-        else:
-            seed_all_rng((int(state["seed"]) + 1000003 * rank + 7919 * start) % 2**31)
+
+        def restore_random_state():
+            if rank == 0:
+                _set_rng_state(state["rng"])
+            else:
+                seed_all_rng((int(state["seed"]) + 1000003 * rank + 7919 * start) % 2**31)
+
+        # torch's DataLoader draws its workers' base seed from the global generator when its iterator
+        # is made (in the first step): restore after that, so the next draw is the saved one, as in
+        # the uninterrupted run
+        loader.at_start(restore_random_state)
         logger.info(f"Resumed the data stream at iteration {start}: {start * self._images_per_step} images "
                     "per process skipped, random state restored.")

@@ -1,11 +1,18 @@
 """Trainers: DefaultTrainer subclasses for pretraining and for detection fine-tuning.
 
-Both differ from DefaultTrainer in model wrapping: Detectron2's ``create_ddp_model`` passes
-``device_ids=[local_rank]``, which DistributedDataParallel rejects for a CPU model, so
-``--num-gpus N`` on a CPU machine would crash; and rank 0's buffers are broadcast once, so every
-process starts from the same queues and BN statistics. Pretraining also reads a step's losses and
-diagnostics from the device with one copy (:class:`OneReadStep`). Everything else (hooks, writers
-with ETA, checkpointing, resume) is Detectron2's.
+They change Detectron2's trainer through its builders only (``build_*`` class methods). Three
+pieces ``DefaultTrainer.__init__`` hard-codes are builders here, which is all its copy below adds:
+
+* ``build_ddp_model``: Detectron2's ``create_ddp_model`` passes ``device_ids=[local_rank]``, which
+  DistributedDataParallel rejects for a CPU model (``--num-gpus N`` on a CPU machine would crash);
+  here CPU models get none, rank 0's buffers are broadcast once (every process starts from the same
+  queues and BN statistics) and ``find_unused_parameters`` is on only for a model that asks for it;
+* ``build_step_runner``: ``SimpleTrainer``/``AMPTrainer``, for pretraining reading a step's losses
+  and diagnostics from the device with one copy (:class:`OneReadStep`), and their accumulating
+  versions for ``SOLVER.REGIONSSL.ACCUMULATE``;
+* ``build_checkpointer``: the regionssl checkpointer (pretraining checkpoints carry a format tag).
+
+Everything else (hooks, writers with ETA, checkpointing, resume) is Detectron2's.
 """
 import logging
 import os
@@ -26,8 +33,9 @@ from ..checkpoint import FormatTag, RegionSSLCheckpointer
 from ..data.build import build_pretrain_train_loader
 from ..modeling.meta_arch.base import RegionSSLBase
 from ..utils.distributed import broadcast_buffers_from_rank0
-from .accumulate import build_step_runner, micro_batch_cfg
-from .setup import auto_scale_workers
+from .hooks import ModelStepHook, PretrainLoader, build_pretrain_hooks
+from .resume import DataStateHook
+from . import accumulate, setup
 
 __all__ = ["PretrainTrainer", "FinetuneTrainer", "trainer_for", "is_pretraining", "wrap_ddp", "OneReadStep"]
 
@@ -92,21 +100,18 @@ class _Trainer(DefaultTrainer):
     step_trainers = (SimpleTrainer, AMPTrainer)  # (fp32, AMP)
 
     def __init__(self, cfg):
+        # DefaultTrainer.__init__ with the DDP wrapping, the step runner and the checkpointer built by
+        # the builders below (Detectron2 hard-codes them; its create_ddp_model fails for CPU models).
         TrainerBase.__init__(self)
         logger = logging.getLogger("detectron2")
         if not logger.isEnabledFor(logging.INFO):
             setup_logger()
-        # REFERENCE_WORLD_SIZE scaling; a process running k accumulated micro-batches counts as k
-        cfg = auto_scale_workers(cfg, comm.get_world_size() * cfg.SOLVER.REGIONSSL.ACCUMULATE)
+        cfg = self.auto_scale_workers(cfg, comm.get_world_size())
         model = self.build_model(cfg)
         optimizer = self.build_optimizer(cfg, model)
         data_loader = self.build_train_loader(cfg)
-        find_unused = self.find_unused_parameters
-        if find_unused is None:
-            find_unused = model.needs_find_unused_parameters()
-        model = wrap_ddp(model, find_unused)
-        # (AMP)SimpleTrainer, or its accumulating version for SOLVER.REGIONSSL.ACCUMULATE > 1
-        self._trainer = build_step_runner(cfg, model, data_loader, optimizer, self.step_trainers)
+        model = self.build_ddp_model(cfg, model)
+        self._trainer = self.build_step_runner(cfg, model, data_loader, optimizer)
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
         self.checkpointer = self.build_checkpointer(cfg, model, trainer=weakref.proxy(self))
         self.start_iter = 0
@@ -114,13 +119,32 @@ class _Trainer(DefaultTrainer):
         self.cfg = cfg
         self.register_hooks(self.build_hooks())
 
+    @staticmethod
+    def auto_scale_workers(cfg, num_workers):
+        """Detectron2's REFERENCE_WORLD_SIZE scaling (+ regionssl's keys, :func:`setup.auto_scale_workers`);
+        a process running k accumulated micro-batches counts as k."""
+        return setup.auto_scale_workers(cfg, num_workers * cfg.SOLVER.REGIONSSL.ACCUMULATE)
+
+    @classmethod
+    def build_ddp_model(cls, cfg, model):
+        """DistributedDataParallel (several processes) with CPU models supported (:func:`wrap_ddp`)."""
+        find_unused = cls.find_unused_parameters
+        if find_unused is None:
+            find_unused = model.needs_find_unused_parameters()
+        return wrap_ddp(model, find_unused)
+
+    @classmethod
+    def build_step_runner(cls, cfg, model, data_loader, optimizer):
+        """``step_trainers`` (fp32, AMP), or their accumulating versions for SOLVER.REGIONSSL.ACCUMULATE > 1."""
+        return accumulate.build_step_runner(cfg, model, data_loader, optimizer, cls.step_trainers)
+
     @classmethod
     def build_checkpointer(cls, cfg, model, **checkpointables):
         return RegionSSLCheckpointer(model, cfg.OUTPUT_DIR, **checkpointables)
 
     @classmethod
     def build_train_loader(cls, cfg):
-        return super().build_train_loader(micro_batch_cfg(cfg))  # IMS_PER_BATCH / ACCUMULATE per call
+        return super().build_train_loader(accumulate.micro_batch_cfg(cfg))  # IMS_PER_BATCH / ACCUMULATE per call
 
     def build_writers(self):
         """Detectron2's console/JSON/TensorBoard writers, plus W&B / MLflow when enabled."""
@@ -172,21 +196,19 @@ class PretrainTrainer(_Trainer):
 
     @classmethod
     def build_train_loader(cls, cfg):
-        from .hooks import CollectSkippedFiles, RememberLastBatch
-
-        loader = CollectSkippedFiles(build_pretrain_train_loader(micro_batch_cfg(cfg)))  # counts unreadable files
-        return RememberLastBatch(loader) if cfg.VIS_PERIOD > 0 else loader
+        """The image-only loader, wrapped for the hooks (skipped files, pictures, exact resume)."""
+        loader = build_pretrain_train_loader(accumulate.micro_batch_cfg(cfg))
+        return PretrainLoader(loader, keep_last_batch=cfg.VIS_PERIOD > 0)
 
     def build_hooks(self):
-        from .hooks import build_pretrain_hooks
-        from .resume import DataStateHook
-
         ret = [h for h in super().build_hooks() if not isinstance(h, (hooks.EvalHook, hooks.PreciseBN))]
         # writers must stay last so they see what the other hooks logged
         writers = [h for h in ret if isinstance(h, hooks.PeriodicWriter)]
         others = [h for h in ret if not isinstance(h, hooks.PeriodicWriter)]
         data_state = DataStateHook(self.cfg.SOLVER.IMS_PER_BATCH // comm.get_world_size())  # exact resume
-        return [data_state] + others + build_pretrain_hooks(self.cfg, self) + writers
+        # ModelStepHook first: the iteration is set before anything else of the step, and the EMA
+        # happens inside the step's timing and before the checkpointer saves
+        return [ModelStepHook(), data_state] + others + build_pretrain_hooks(self.cfg, self) + writers
 
     @classmethod
     def test(cls, cfg, model, evaluators=None):

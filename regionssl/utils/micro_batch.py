@@ -4,23 +4,21 @@ With ``SOLVER.REGIONSSL.ACCUMULATE`` k, one optimizer step runs the model k time
 of B/k images (:class:`~regionssl.engine.accumulate.AccumulatingTrainer`). What the methods do
 once per step must stay once per step, so the update matches one batch of B:
 
-* the EMA of the momentum/target encoder runs in the first micro-batch only
-  (:meth:`RegionSSLBase.update_momentum`): every micro-batch's keys/targets come from the same
-  target, as the B batch's do;
-* queue writes (MoCo/InsLoc/ReSim key queues, the SwAV feature queue) are collected with
+* the EMA of the momentum/target encoder and SwAV's prototype normalisation run in the model's
+  ``after_step`` / ``before_step``, which the trainer's ``ModelStepHook`` calls once per optimizer
+  step: every micro-batch's keys/targets come from the same target, as the B batch's do;
+* queue writes (MoCo/InsLoc/ReSim key queues, the SwAV feature queue) are collected here with
   :func:`rows_at_step_end` and written after the last micro-batch, concatenated in micro-batch
   order: the queue then holds exactly what one B batch writes, and no micro-batch sees keys of
-  its own step among its negatives;
-* SwAV's prototype normalisation runs in the first micro-batch (the weights do not change
-  between micro-batches).
+  its own step among its negatives.
 
 Per method:
 
 ========================  ==========================================  ==============================
 method                    once per optimizer step                     still per micro-batch
 ========================  ==========================================  ==============================
-MoCo-v2, InsLoc, ReSim    EMA (before the keys), key-queue writes     BN statistics (shuffle-BN)
-BYOL, SCRL, CVSA          EMA owed for the previous step (tau_{k-1})  BN statistics
+MoCo-v2, InsLoc, ReSim    EMA (after the step), key-queue writes      BN statistics (shuffle-BN)
+BYOL, SCRL, CVSA          EMA (after the step)                        BN statistics
 SwAV (+ region)           prototype normalisation, queue writes       Sinkhorn codes, BN statistics
 ========================  ==========================================  ==============================
 
@@ -35,7 +33,7 @@ import contextlib
 
 import torch
 
-__all__ = ["micro_batch", "is_first_micro_batch", "is_last_micro_batch", "rows_at_step_end"]
+__all__ = ["micro_batch", "is_last_micro_batch", "rows_at_step_end"]
 
 
 class _State:
@@ -57,10 +55,6 @@ def micro_batch(index, count):
         yield
     finally:
         _state.index, _state.count = previous
-
-
-def is_first_micro_batch():
-    return _state.index == 0
 
 
 def is_last_micro_batch():

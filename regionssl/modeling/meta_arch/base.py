@@ -11,6 +11,12 @@ a learning rule. Module names (the checkpoint contract, docs/design.md):
   detector key ends with.
 
 Subclasses implement ``losses(batched_inputs) -> dict`` and may override ``region_embedding``.
+
+Step-dependent state comes from the trainer, not from global state: before each optimizer step
+``regionssl.engine.hooks.ModelStepHook`` calls :meth:`RegionSSLBase.before_step` with the global
+iteration (every schedule reads ``self.iteration``), and after the optimizer step
+:meth:`RegionSSLBase.after_step` (the EMA of the target network, as the official codes order it).
+Code that drives the model without a trainer calls the two itself.
 """
 import torch
 import torch.nn.functional as F
@@ -19,7 +25,6 @@ from detectron2.utils.events import get_event_storage
 from torch import nn
 
 from ...utils.distributed import to_device
-from ...utils.micro_batch import is_first_micro_batch
 from ..encoders import build_encoder
 from ..momentum import ema_update, make_momentum_copy, momentum_at
 
@@ -44,6 +49,10 @@ class RegionSSLBase(nn.Module):
     # Methods that compare whole images set this to True (MoCo-v2, BYOL, SwAV, CVSA; ReSim's
     # instance branch): the default encoder then pools whole images (encoders.default_encoder_name).
     is_global = False
+    # The global iteration of the current optimizer step (before_step); schedules read it.
+    iteration = 0
+    # The target network's encoder, for methods with one (build_momentum).
+    target_encoder = None
 
     @configurable
     def __init__(self, *, encoder, pixel_mean, pixel_std, max_iter, momentum_base=0.999, momentum_schedule="constant"):
@@ -55,7 +64,6 @@ class RegionSSLBase(nn.Module):
         self.momentum_base, self.momentum_schedule = momentum_base, momentum_schedule
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
-        self._fallback_iter = 0  # used only outside a trainer (no EventStorage)
         # Diagnostics of the step, read from the device together (see ``log``/``flush_logs``).
         # True when a trainer flushes them with its loss values (PretrainTrainer); else forward does.
         self.defer_log_flush = False
@@ -100,24 +108,27 @@ class RegionSSLBase(nn.Module):
         """
         return False
 
-    @property
-    def iteration(self):
-        """Global iteration (from the trainer's EventStorage; resumes exactly)."""
-        try:
-            return get_event_storage().iter
-        except AssertionError:
-            return self._fallback_iter
+    # ---------------------------------------------------------------- step-dependent state
+    def before_step(self, iteration):
+        """Start of the optimizer step at global ``iteration`` (the trainer's ``iter``), before its
+        first forward (``ModelStepHook``). Schedules are functions of it, so resume is exact."""
+        self.iteration = iteration
+
+    def after_step(self):
+        """After the step's optimizer update (``ModelStepHook``; once per step, also with gradient
+        accumulation): the EMA of the target network with this iteration's coefficient."""
+        if self.target_encoder is not None:
+            self.update_momentum()
 
     def current_momentum(self):
+        """EMA coefficient of this iteration (applied after its optimizer step)."""
         return momentum_at(self.iteration, self.max_iter, self.momentum_base, self.momentum_schedule)
 
     @torch.no_grad()
     def update_momentum(self):
-        """EMA of the online into the momentum encoder; once per optimizer step (gradient
-        accumulation: in the first micro-batch only, see :mod:`regionssl.utils.micro_batch`)."""
+        """``xi <- m xi + (1 - m) theta`` from the online into the target network; returns m."""
         m = self.current_momentum()
-        if is_first_micro_batch():
-            ema_update({name: getattr(self, name) for name in self.momentum.keys()}, self.momentum, m)
+        ema_update({name: getattr(self, name) for name in self.momentum.keys()}, self.momentum, m)
         return m
 
     def batch_coupling(self):
@@ -239,5 +250,4 @@ class RegionSSLBase(nn.Module):
             self._in_forward = False
         if not self.defer_log_flush:
             self.flush_logs()
-        self._fallback_iter += 1
         return losses

@@ -19,7 +19,6 @@ from detectron2.modeling import META_ARCH_REGISTRY
 
 from ..heads import MLP
 from ..losses import byol_regression
-from ..momentum import momentum_at
 from .base import RegionSSLBase
 
 __all__ = ["BYOLBase", "BYOL"]
@@ -51,15 +50,13 @@ class BYOLBase(RegionSSLBase):
     after ~750 steps at 0.996).
 
     EMA: ``xi <- tau xi + (1 - tau) theta`` with ``tau_k = 1 - (1 - tau_0)(cos(pi k / K) + 1) / 2``
-    (``MODEL.REGIONSSL.MOMENTUM``: SCHEDULE "cosine", BASE tau_0; K = SOLVER.MAX_ITER). Both
-    official codes update after optimizer step k with tau_k. Here the update happens at the start
-    of the forward of iteration k + 1 (with tau_k, from the global iteration, so resume is exact);
-    the target every forward sees is therefore the official one. Iteration 0 does no update.
+    (``MODEL.REGIONSSL.MOMENTUM``: SCHEDULE "cosine", BASE tau_0; K = SOLVER.MAX_ITER), after
+    optimizer step k with tau_k, as both official codes order it (:meth:`RegionSSLBase.after_step`,
+    called by the trainer's hook; tau_k is a function of the global iteration, so resume is exact).
 
     Diagnostics (``regionssl/...``): ``pos_sim`` mean cos(prediction, target projection) over both
     directions, ``emb_std`` std of the normalised online projections (-> 0 on collapse; ~1/sqrt(256)
-    when spread), ``num_pairs`` matched rows R, ``momentum`` tau_{k-1} applied at iteration k
-    (k = 0 logs tau_0 although nothing is averaged yet).
+    when spread), ``num_pairs`` matched rows R, ``momentum`` tau_k, applied after step k.
     """
 
     loss_name = "byol"
@@ -81,18 +78,6 @@ class BYOLBase(RegionSSLBase):
             predictor=MLP(out, r.PREDICTOR.HIDDEN_DIM, out, norm, last_bias=False),
         )
         return args
-
-    # ---------------------------------------------------------------- EMA
-    def current_momentum(self):
-        """tau applied at this forward: tau_{k-1} (the official update after step k - 1)."""
-        return momentum_at(max(self.iteration - 1, 0), self.max_iter, self.momentum_base, self.momentum_schedule)
-
-    @torch.no_grad()
-    def step_target(self):
-        """EMA update owed for the previous optimizer step; returns the tau used (None at k=0)."""
-        if self.iteration <= 0:
-            return None  # no optimizer step yet: the target still equals its initial copy
-        return self.update_momentum()
 
     # ---------------------------------------------------------------- pieces
     def pair_inputs(self, batched_inputs):
@@ -140,8 +125,6 @@ class BYOLBase(RegionSSLBase):
     def byol_losses(self, images, boxes):
         """``{"loss_<name>": L}`` for rows pooled from ``images`` (2N) with ``boxes`` (2N lists), and
         the online and target feature maps (for losses on top of BYOL's, CVSA's)."""
-        with torch.no_grad():
-            self.step_target()
         rows = sum(len(b) for b in boxes) if self.encoder.pools_boxes else images.shape[0]
         # A process without any pair still runs every network on its 0 rows: their synchronised
         # BatchNorms (SyncBN, naiveSyncBN) are collectives the other processes wait in, and DDP

@@ -176,7 +176,6 @@ class ContrastiveBase(RegionSSLBase):
     def losses(self, batched_inputs):
         q = self.query_embed(self.view_batch(batched_inputs, 0), self.query_boxes(batched_inputs))
         with torch.no_grad():
-            self.update_momentum()
             images = self.view_pixels([d["views"][1] for d in batched_inputs])  # uint8: shuffled as such
             boxes = self.view_boxes(batched_inputs, 1)
             plan = self.key_plan(images, boxes)

@@ -47,7 +47,7 @@ from detectron2.utils import comm
 from torch import nn
 
 from ...utils.distributed import all_gather_cat
-from ...utils.micro_batch import is_first_micro_batch, rows_at_step_end
+from ...utils.micro_batch import rows_at_step_end
 from ..encoders import GlobalEncoder
 from ..heads import MLP
 from ..poolers import BoxPooler
@@ -141,10 +141,13 @@ class SwAV(RegionSSLBase):
     def prototypes_frozen(self):
         return self.iteration < self.freeze_prototypes_iters
 
+    def before_step(self, iteration):
+        """The official loop's start of an iteration: prototypes re-normalised to unit rows."""
+        super().before_step(iteration)
+        self.normalize_prototypes()
+
     @torch.no_grad()
     def normalize_prototypes(self):
-        if not is_first_micro_batch():  # once per optimizer step; the weights did not change since
-            return
         w = self.prototypes.weight
         w.copy_(F.normalize(w, dim=1))
 
@@ -247,7 +250,6 @@ class SwAV(RegionSSLBase):
         return swav_loss(scores, codes, [0, 1], self.temperature), z
 
     def losses(self, batched_inputs):
-        self.normalize_prototypes()
         z, maps = self.embed_crops(batched_inputs)
         loss, codes = self.swapped_prediction(z)
         losses = {"loss_swav": loss}
