@@ -159,8 +159,9 @@ def _add_input_keys(cfg):
     i.FLIP_PROB = 0.5
     # A pair yielding no valid region is re-drawn this many times, then the image is skipped with a warning.
     i.MAX_RESAMPLE = 10
-    # Draw images with probability 1 / |group| (``"group"`` of the dataset records: a video clip, a
-    # stereo pair; images without one are their own group), so every group is drawn equally often.
+    # Draw the images group by group (``"group"`` of the dataset records: a video clip, a stereo pair;
+    # images without one are their own group): rounds over all groups in random order, one random
+    # member each, so every group is drawn equally often and a batch rarely holds one group twice.
     i.BALANCE_GROUPS = False
     # Decode JPEGs at 1/2, 1/4 or 1/8 scale (libjpeg DCT scaling) when every crop shrinks at least that much.
     i.JPEG_DRAFT = True

@@ -2,9 +2,7 @@
 import itertools
 from collections import Counter
 
-import pytest
-
-from regionssl.data.build import ResumableTrainingSampler, group_balanced_weights
+from regionssl.data.build import ResumableTrainingSampler, image_groups
 
 
 def _dicts():
@@ -15,27 +13,29 @@ def _dicts():
     return clip + pair + singles
 
 
-def test_weights_are_one_over_group_size():
-    assert group_balanced_weights(_dicts()) == [1 / 8] * 8 + [1 / 2] * 2 + [1.0, 1.0]
+def test_group_labels():
+    assert image_groups(_dicts()) == ["clip"] * 8 + ["pair"] * 2 + ["a.jpg", "b.jpg"]
 
 
-def test_weighted_stream_draws_every_group_equally_often_and_is_seeded():
+def test_rounds_draw_every_group_once_and_members_uniformly():
     dicts = _dicts()
-    sampler = ResumableTrainingSampler(len(dicts), weights=group_balanced_weights(dicts), seed=3)
-    drawn = list(itertools.islice(iter(sampler), 40000))
-    groups = Counter(dicts[i].get("group", dicts[i]["file_name"]) for i in drawn)
-    for g in ("clip", "pair", "a.jpg", "b.jpg"):  # each group 1/4 of the draws (binomial sd ~0.002)
-        assert groups[g] / len(drawn) == pytest.approx(0.25, abs=0.01)
-    frames = Counter(i for i in drawn if i < 8)  # frames of the clip equally likely among themselves
-    assert max(frames.values()) / min(frames.values()) < 1.15
-    again = ResumableTrainingSampler(len(dicts), weights=group_balanced_weights(dicts), seed=3)
-    assert list(itertools.islice(iter(again), 500)) == drawn[:500]
-    # resume: the stream continues after the images consumed before
-    again.skip = 123
+    groups = image_groups(dicts)
+    sampler = ResumableTrainingSampler(len(dicts), groups=groups, seed=3)
+    drawn = list(itertools.islice(iter(sampler), 4 * 2000))
+    for r in range(0, len(drawn), 4):  # every round of 4 draws holds each group exactly once
+        assert sorted(groups[i] for i in drawn[r : r + 4]) == ["a.jpg", "b.jpg", "clip", "pair"]
+    frames = Counter(i for i in drawn if i < 8)  # 2000 clip draws spread over its 8 frames
+    assert sum(frames.values()) == 2000 and set(frames) == set(range(8))
+    assert max(frames.values()) / min(frames.values()) < 1.5
+    pair = Counter(i for i in drawn if i in (8, 9))
+    assert abs(pair[8] - pair[9]) < 200
+    again = ResumableTrainingSampler(len(dicts), groups=groups, seed=3)
+    assert list(itertools.islice(iter(again), 500)) == drawn[:500]  # seeded
+    again.skip = 123  # resume: the stream continues after the images consumed before
     assert list(itertools.islice(iter(again), 50)) == drawn[123:173]
 
 
-def test_unweighted_stream_is_detectron2s():
+def test_unbalanced_stream_is_detectron2s():
     from detectron2.data.samplers import TrainingSampler
 
     ours = list(itertools.islice(iter(ResumableTrainingSampler(12, seed=5)), 60))

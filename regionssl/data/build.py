@@ -9,7 +9,7 @@ from detectron2.data.samplers import TrainingSampler
 from .datasets import ensure_registered
 from .mapper import RegionSSLDatasetMapper
 
-__all__ = ["get_pretrain_dataset_dicts", "build_pretrain_train_loader", "ResumableTrainingSampler", "group_balanced_weights"]
+__all__ = ["get_pretrain_dataset_dicts", "build_pretrain_train_loader", "ResumableTrainingSampler", "image_groups"]
 
 logger = logging.getLogger(__name__)
 
@@ -21,16 +21,23 @@ class ResumableTrainingSampler(TrainingSampler):
     :meth:`resume` sets ``skip`` and the seed (:class:`regionssl.engine.resume.DataStateHook`, from
     the checkpoint) before the loader's iterator is created (the loader iterates lazily).
 
-    With ``weights`` (one per image) the stream instead draws images independently with
-    probability proportional to their weight (e.g. :func:`group_balanced_weights`).
+    With ``groups`` (one label per image: a video clip, a stereo pair) the stream instead goes
+    through the groups in rounds, each round a random order of all groups and one random member
+    of each: every group is drawn equally often, and G consecutive draws never repeat a group
+    (fewer near-duplicates in a batch, which are false negatives for the contrastive methods).
     """
 
     skip = 0
 
-    def __init__(self, size, weights=None, **kwargs):
+    def __init__(self, size, groups=None, **kwargs):
         super().__init__(size, **kwargs)
-        self._weights = None if weights is None else torch.as_tensor(weights, dtype=torch.float64)
-        assert self._weights is None or self._weights.shape == (size,), "one weight per image"
+        self._groups = None
+        if groups is not None:
+            assert len(groups) == size, "one group label per image"
+            members = {}
+            for i, g in enumerate(groups):
+                members.setdefault(g, []).append(i)
+            self._groups = list(members.values())  # in order of first appearance
 
     @property
     def seed(self):
@@ -42,28 +49,24 @@ class ResumableTrainingSampler(TrainingSampler):
         self._seed, self.skip = int(seed), int(skip)
 
     def _infinite_indices(self):
-        if self._weights is None:
+        if self._groups is None:
             yield from super()._infinite_indices()
             return
         g = torch.Generator()
         g.manual_seed(self._seed)
         while True:
-            yield from torch.multinomial(self._weights, self._size, replacement=True, generator=g).tolist()
+            for group in torch.randperm(len(self._groups), generator=g).tolist():
+                members = self._groups[group]
+                yield members[int(torch.randint(len(members), (1,), generator=g))]
 
     def __iter__(self):
         start = self._rank + self.skip * self._world_size
         yield from itertools.islice(self._infinite_indices(), start, None, self._world_size)
 
 
-def group_balanced_weights(dicts):
-    """Per-image sampling weights ``1 / |group|``: every group (a video clip, a stereo pair; records
-    without ``"group"`` are groups of one) is drawn equally often, so one long clip cannot fill the
-    batches with near-identical frames (false negatives for the contrastive methods)."""
-    groups = [d.get("group", d["file_name"]) for d in dicts]
-    sizes = {}
-    for g in groups:
-        sizes[g] = sizes.get(g, 0) + 1
-    return [1.0 / sizes[g] for g in groups]
+def image_groups(dicts):
+    """The group label of every record (``"group"``; records without one are groups of one)."""
+    return [d.get("group", d["file_name"]) for d in dicts]
 
 
 def get_pretrain_dataset_dicts(names):
@@ -91,7 +94,7 @@ def build_pretrain_train_loader(cfg, mapper=None):
         dataset=dicts,
         mapper=mapper,
         sampler=ResumableTrainingSampler(
-            len(dicts), weights=group_balanced_weights(dicts) if cfg.INPUT.REGIONSSL.BALANCE_GROUPS else None
+            len(dicts), groups=image_groups(dicts) if cfg.INPUT.REGIONSSL.BALANCE_GROUPS else None
         ),
         total_batch_size=cfg.SOLVER.IMS_PER_BATCH,
         aspect_ratio_grouping=False,
