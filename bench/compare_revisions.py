@@ -11,9 +11,11 @@ slower for times).
     python bench/compare_revisions.py --base main mapper --sizes 640x480 --pairs 40
     python bench/compare_revisions.py --base main step --batch 2 --size 128 --threads 1
 
-``mapper`` compares ``bench/mapper_throughput.py`` (pairs per CPU-second per pipeline), ``step``
-compares ``bench/step_cost.py`` (CPU seconds per step per model); arguments after the benchmark
-name go to the script (``--rounds`` / ``--warmup`` are set here).
+``mapper`` compares ``bench/mapper_throughput.py`` (pairs per CPU-second per pipeline, and each
+pipeline's ratio to the torchvision two-crop baseline measured in the same run, which cancels the
+machine's speed between runs), ``step`` compares ``bench/step_cost.py`` (CPU seconds per step per
+model, and each model's ratio to MoCo-v2 in the same run); arguments after the benchmark name go to
+the script (one benchmark round per run unless they say ``--rounds``).
 """
 import argparse
 import os
@@ -27,21 +29,21 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCHES = {
     # name: (script, extra args for one round, row regex -> (row name, value), unit, higher is better)
     "mapper": ("bench/mapper_throughput.py", ["--rounds", "1"],
-               re.compile(r"^(\S+)\s+(.+?)\s+([\d.]+) pairs/CPU-s"), "pairs/CPU-s", True),
+               re.compile(r"^(\S+)\s+(.+?)\s+([\d.]+) pairs/CPU-s \S+ x([\d.]+)"), "pairs/CPU-s", True),
     "step": ("bench/step_cost.py", ["--rounds", "1", "--warmup", "1"],
-             re.compile(r"^\| ([^|]+?) \| [\d.]+ \| [\d.]+ \| ([\d.]+) \| [\d.]+ \| [\d,]+ B"), "CPU s/step", False),
+             re.compile(r"^\| ([^|]+?) \| [\d.]+ \| [\d.]+ \| ([\d.]+) \| ([\d.]+) \| [\d,]+ B"), "CPU s/step", False),
 }
 
 
 def parse(bench, text):
-    """{row name: value} from a benchmark's output."""
+    """{row name: (value, value relative to the run's baseline row)} from a benchmark's output."""
     rows = {}
     pattern = BENCHES[bench][2]
     for line in text.splitlines():
         m = pattern.match(line)
         if m:
-            *name, value = m.groups()
-            rows[" ".join(name)] = float(value)
+            *name, value, relative = m.groups()
+            rows[" ".join(name)] = (float(value), float(relative))
     return rows
 
 
@@ -71,13 +73,16 @@ def main(argv=None):
             print(f"round {r}: " + ", ".join(f"{k} {len(v[-1])} rows" for k, v in results.items()), flush=True)
     rows = [name for name in results["this"][0] if all(name in res for res in results["base"] + results["this"])]
     print(f"\n{args.bench}: this tree vs {args.base}, {args.rounds} runs each, interleaved; {unit}, medians")
-    print(f"| row | {args.base} | this | this / {args.base} (median of paired ratios) |")
-    print("|---|---:|---:|---:|")
+    print(f"| row | {args.base} | this | this / {args.base} | same, relative to the run's baseline row |")
+    print("|---|---:|---:|---:|---:|")
     for name in rows:
         a = [res[name] for res in results["base"]]
         b = [res[name] for res in results["this"]]
-        ratio = statistics.median(y / x for x, y in zip(a, b))
-        print(f"| {name} | {statistics.median(a):.3f} | {statistics.median(b):.3f} | {ratio:.3f} |")
+        ratio = statistics.median(y[0] / x[0] for x, y in zip(a, b))
+        relative = statistics.median(y[1] / x[1] for x, y in zip(a, b))
+        print(f"| {name} | {statistics.median(x[0] for x in a):.3f} | {statistics.median(y[0] for y in b):.3f} | "
+              f"{ratio:.3f} | {relative:.3f} |")
+    print("(ratios: medians of the paired per-run ratios)")
     print("(throughput: a ratio > 1 is faster)" if higher_better else "(time: a ratio < 1 is faster)")
 
 
