@@ -11,6 +11,7 @@ from ..encoders import shuffled_forward, split_forward
 from ..heads import MLP
 from ..losses import info_nce
 from ..queues import KeyQueues
+from ..signals import LearningSignal, info_nce_chance
 from .base import RegionSSLBase
 
 __all__ = ["ContrastiveBase"]
@@ -116,6 +117,18 @@ class ContrastiveBase(RegionSSLBase):
             **extra,
         }
         self.log(**{f"{name}_{level}": value for name, value in scalars.items()})
+
+    def queue_signal(self, l, level, loss):
+        """:class:`LearningSignal` of the InfoNCE against queue ``l`` (logged as ``loss``)."""
+        k = self.queues.size
+        return LearningSignal(
+            loss, info_nce_chance(k), f"ln(K+1), K = {k} queue negatives", self.level_weights[l],
+            f"regionssl/emb_std_{level}", self.queues.queue.shape[1],
+            f"regionssl/pos_sim_{level}", f"regionssl/neg_sim_{level}",
+        )
+
+    def learning_signals(self):
+        return [self.queue_signal(l, level, f"loss_contrast_{level}") for l, level in enumerate(self.levels)]
 
     def query_embed(self, images, boxes):
         """Online-encoder embeddings (L, R, D) of the query view (in ``bn_splits`` BN groups)."""
