@@ -53,6 +53,10 @@ FACTOR = 0.6
 # ReSim's region negatives are the key map's positions, some of them overlapping the positive
 # window, so its region loss has a floor far above 0: measured 0.48-0.64 x initial in 20-30 steps.
 RESIM_REGION = 0.75
+# The online backbone must move: ||theta_T - theta_0|| / ||theta_0|| measured 0.06-0.23 over these
+# fits; a trunk that gets no gradient (only heads learning the fixed targets) moves by weight decay
+# alone, ~1e-5.
+MIN_MOVED = 0.01
 # method -> (instant-test config, extra options, steps, {loss: factor, or None if weighted 0})
 CASES = {
     "insloc_c4": ("insloc_c4_instant_test.yaml", MOCO + COPY_PASTE + ["SOLVER.BASE_LR", 0.03], 20, {}),
@@ -94,11 +98,12 @@ def two_fixed_batches(cfg, seed=0):
 def fit(cfg, steps, seed=0):
     """Train ``build_model(cfg)`` with the trainer's optimizer (constant lr) on two fixed batches,
     alternating; returns the per-step loss dicts (floats), the EventStorage (losses logged as the
-    trainer logs them) and the model."""
+    trainer logs them), the model and how far its online backbone moved (||theta_T - theta_0|| / ||theta_0||)."""
     batches = two_fixed_batches(cfg, seed)
     _seed(seed)
     model = build_model(cfg).train()
     optimizer = PretrainTrainer.build_optimizer(cfg, model)
+    start = [p.detach().clone() for p in model.backbone.parameters()]
     history = []
     with EventStorage(0) as storage:
         for it in range(steps):
@@ -109,7 +114,8 @@ def fit(cfg, steps, seed=0):
             optimizer.step()
             history.append({k: float(v.detach()) for k, v in losses.items()})
             storage.put_scalars(total_loss=sum(history[-1].values()), **history[-1])
-    return history, storage, model
+    moved = sum(float((p.detach() - p0).pow(2).sum()) for p, p0 in zip(model.backbone.parameters(), start))
+    return history, storage, model, (moved / sum(float(p0.pow(2).sum()) for p0 in start)) ** 0.5
 
 
 def fit_case(method, seed=0):
@@ -120,7 +126,7 @@ def fit_case(method, seed=0):
 
 @pytest.mark.parametrize("method", list(CASES))
 def test_every_loss_falls_on_two_fixed_batches(method):
-    history, storage, model = fit_case(method)
+    history, storage, model, moved = fit_case(method)
     factors = CASES[method][3]
     for key in history[0]:
         initial = (history[1][key] + history[2][key]) / 2
@@ -132,6 +138,7 @@ def test_every_loss_falls_on_two_fixed_batches(method):
         assert final < factor * initial, (
             f"{method}: {key} went from {initial:.3f} to {final:.3f} (needs < {factor} x initial); curve: {curve}"
         )
+    assert moved > MIN_MOVED, f"{method}: the online backbone moved by {moved:.2e} (relative L2), needs > {MIN_MOVED}"
     # The collapse/stall guard reads every signal the model names, and finds this run learning.
     guard = CollapseGuard(start_iter=0)
     last = len(history) - 1
