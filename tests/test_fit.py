@@ -98,24 +98,30 @@ def two_fixed_batches(cfg, seed=0):
 def fit(cfg, steps, seed=0):
     """Train ``build_model(cfg)`` with the trainer's optimizer (constant lr) on two fixed batches,
     alternating; returns the per-step loss dicts (floats), the EventStorage (losses logged as the
-    trainer logs them), the model and how far its online backbone moved (||theta_T - theta_0|| / ||theta_0||)."""
+    trainer logs them), the model, how far its online backbone moved (||theta_T - theta_0|| / ||theta_0||)
+    and, per loss, the norm of its own gradient on the backbone at step 0."""
     batches = two_fixed_batches(cfg, seed)
     _seed(seed)
     model = build_model(cfg).train()
     optimizer = PretrainTrainer.build_optimizer(cfg, model)
     start = [p.detach().clone() for p in model.backbone.parameters()]
-    history = []
+    history, reach = [], {}
     with EventStorage(0) as storage:
         for it in range(steps):
             storage.iter = it  # the model's schedules (EMA, frozen prototypes) follow the global iteration
             losses = model(batches[it % 2])
+            if it == 0:  # each loss alone must reach the trunk (a detached branch gives no gradient)
+                params = [p for p in model.backbone.parameters() if p.requires_grad]
+                for k, v in losses.items():
+                    grads = torch.autograd.grad(v, params, retain_graph=True, allow_unused=True) if v.requires_grad else []
+                    reach[k] = sum(float(g.norm()) for g in grads if g is not None)
             optimizer.zero_grad()
             sum(losses.values()).backward()
             optimizer.step()
             history.append({k: float(v.detach()) for k, v in losses.items()})
             storage.put_scalars(total_loss=sum(history[-1].values()), **history[-1])
     moved = sum(float((p.detach() - p0).pow(2).sum()) for p, p0 in zip(model.backbone.parameters(), start))
-    return history, storage, model, (moved / sum(float(p0.pow(2).sum()) for p0 in start)) ** 0.5
+    return history, storage, model, (moved / sum(float(p0.pow(2).sum()) for p0 in start)) ** 0.5, reach
 
 
 def fit_case(method, seed=0):
@@ -126,7 +132,7 @@ def fit_case(method, seed=0):
 
 @pytest.mark.parametrize("method", list(CASES))
 def test_every_loss_falls_on_two_fixed_batches(method):
-    history, storage, model, moved = fit_case(method)
+    history, storage, model, moved, reach = fit_case(method)
     factors = CASES[method][3]
     for key in history[0]:
         initial = (history[1][key] + history[2][key]) / 2
@@ -135,6 +141,7 @@ def test_every_loss_falls_on_two_fixed_batches(method):
         factor = factors.get(key, FACTOR)
         if factor is None:
             continue
+        assert reach[key] > 0, f"{method}: {key} sends no gradient to the online backbone"
         assert final < factor * initial, (
             f"{method}: {key} went from {initial:.3f} to {final:.3f} (needs < {factor} x initial); curve: {curve}"
         )

@@ -3,11 +3,14 @@ the hook's own ``after_step``, and real short trainer runs (one that learns, one
 import logging
 import math
 import os
+import socket
 from types import SimpleNamespace
 
 import pytest
 import torch
+from detectron2.engine import launch
 from detectron2.modeling import build_model
+from detectron2.utils import comm
 from detectron2.utils.events import EventStorage
 
 import regionssl  # noqa: F401  (registers models and datasets)
@@ -136,6 +139,40 @@ def test_weighted_loss_and_missing_keys(insloc):
     assert guard.medians(storage, only, 3, only_loss=True)["loss"] == 3.0
     assert [p[0] for p in guard.check(storage, [only], 3)] == ["stall_chance"]
     assert guard.medians(storage, only, 3)["loss"] is None
+
+
+def _two_rank_worker(out_dir):
+    """Rank 0 sees a collapse in its storage, rank 1 nothing (the losses are gathered on rank 0):
+    with STOP both must raise at the same iteration, or rank 1 would hang in the next collective."""
+    from regionssl.modeling.signals import LearningSignal
+
+    signal = LearningSignal("loss_a", emb_std="regionssl/emb_std", dim=128)
+    model = SimpleNamespace(learning_signals=lambda: [signal])
+    guard = CollapseGuard(start_iter=0, period=5, window=5, stop=True)
+    guard.trainer = SimpleNamespace(iter=0, model=model)
+    raised = None
+    with EventStorage(0) as storage:
+        for it in range(20):
+            storage.iter = guard.trainer.iter = it
+            if comm.get_rank() == 0:
+                storage.put_scalars(loss_a=1.0, **{"regionssl/emb_std": 0.05 if it < 5 else 0.001})
+            try:
+                guard.after_step()
+            except TrainingCollapsed as e:
+                raised = (it, str(e))
+                break
+    torch.save(raised, os.path.join(out_dir, f"rank{comm.get_rank()}.pt"))
+
+
+def test_stop_raises_on_every_process(tmp_path):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    launch(_two_rank_worker, 2, dist_url=f"tcp://127.0.0.1:{port}", args=(str(tmp_path),))
+    r0, r1 = (torch.load(os.path.join(tmp_path, f"rank{r}.pt")) for r in range(2))
+    assert r0 == r1 and r0[0] == 9  # checks at 4 (healthy) and 9 (window 5..9 collapsed)
+    assert r0[1].startswith("Pretraining stopped by TEST.REGIONSSL.GUARD.STOP:\nCOLLAPSED at iteration 9: "
+                            "regionssl/emb_std = 0.001 is below 0.05 x 1/sqrt(128) = 0.004419")
 
 
 def test_default_start_iteration():
