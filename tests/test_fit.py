@@ -1,7 +1,13 @@
 """Can every method fit two fixed batches? The real model, mapper and optimizer of each method's
-instant-test config, trained on two fixed batches of 3 demo photos (alternating), must bring
-each of its losses to a stated fraction of its initial value. A detached query, a wrong
-unshuffle or a dead branch leaves its loss where it started and fails here.
+instant-test config, trained on two fixed batches of 3 demo photos (alternating), must
+
+* bring each of its losses to a stated fraction of its initial value,
+* send gradient from each loss alone to the online backbone (step 0), and move that backbone,
+* and not look collapsed or stalled to the guard (``CollapseGuard``) at the end.
+
+A detached query or predictor, a zeroed loss weight or a detached branch fails here (each was
+injected once, per method, and failed). The shuffle-BN routing (a wrong unshuffle) is checked exactly by
+``test_contrastive.py``: these fits run with BN_SPLITS 1, where nothing is shuffled in one process.
 
 Small but real: ResNet-18 trunk, 64 px views, narrow heads, photometric ops off (the batches are
 fixed anyway), constant learning rate, fixed seeds. The MoCo-rule queues hold exactly one batch of
@@ -10,10 +16,10 @@ photo). ``initial`` is the mean loss of steps 1 and 2 (one step on each batch; a
 still holds random vectors), ``final`` the mean of the last two steps.
 """
 import os
+import random
 
 import numpy as np
 import pytest
-import random
 import torch
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
@@ -116,8 +122,10 @@ def fit(cfg, steps, seed=0):
                     grads = torch.autograd.grad(v, params, retain_graph=True, allow_unused=True) if v.requires_grad else []
                     reach[k] = sum(float(g.norm()) for g in grads if g is not None)
             optimizer.zero_grad()
-            sum(losses.values()).backward()
-            optimizer.step()
+            total = sum(losses.values())
+            if total.requires_grad:  # else nothing trains; the caller reports which loss is cut off
+                total.backward()
+                optimizer.step()
             history.append({k: float(v.detach()) for k, v in losses.items()})
             storage.put_scalars(total_loss=sum(history[-1].values()), **history[-1])
     moved = sum(float((p.detach() - p0).pow(2).sum()) for p, p0 in zip(model.backbone.parameters(), start))
