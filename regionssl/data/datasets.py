@@ -33,6 +33,7 @@ __all__ = [
     "ensure_registered",
     "read_rgb_or_none",
     "open_image_or_none",
+    "image_file_from_bytes",
     "decode_or_none",
     "ImageFile",
     "UnreadableImageError",
@@ -167,20 +168,25 @@ class ImageFile:
         return DecodedImage(image, r, self.height, self.width)
 
 
+def image_file_from_bytes(file_name, data):
+    """An :class:`ImageFile` from encoded bytes (``file_name`` only names it in messages).
+    Raises PIL's error if the header is not an image's."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        image = Image.open(io.BytesIO(data))
+        try:
+            orientation = image.getexif().get(_EXIF_ORIENTATION)
+        except Exception:  # noqa: BLE001 - broken EXIF: ignore it, as Detectron2 does
+            orientation = None
+        return ImageFile(file_name, data, image.size, orientation, image.format)
+
+
 def open_image_or_none(file_name):
     """Read ``file_name``'s bytes and header; an :class:`ImageFile`, or None with a warning naming
     the file if it is not an image or is smaller than ``MIN_IMAGE_SIDE`` (after EXIF rotation)."""
     try:
         with PathManager.open(file_name, "rb") as f:
-            data = f.read()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            image = Image.open(io.BytesIO(data))
-            try:
-                orientation = image.getexif().get(_EXIF_ORIENTATION)
-            except Exception:  # noqa: BLE001 - broken EXIF: ignore it, as Detectron2 does
-                orientation = None
-            item = ImageFile(file_name, data, image.size, orientation, image.format)
+            item = image_file_from_bytes(file_name, f.read())
     except Exception as e:  # noqa: BLE001 - any reader error means "skip this file"
         logger.warning(f"Skipping unreadable image {file_name}: {type(e).__name__}: {e}")
         return None
