@@ -174,3 +174,27 @@ def test_timings_are_read_from_the_detectron2_log():
            "[d2.evaluation.evaluator]: Total inference time: 0:00:40.500000 (0.405000 s / iter per device, on 1 devices)\n")
     assert transfer.read_timings(log) == {"train_iterations": 248, "train_seconds": 620, "seconds_per_iteration": 2.5,
                                           "inference_seconds": 40.5, "seconds_per_image": 0.405}
+
+
+def test_demo_summary_prints_pretrained_beside_random(tmp_path, capsys):
+    """tools/summarize_run.py --transfer (the end of `make demo`): both rows and the difference."""
+    spec = importlib.util.spec_from_file_location("summarize_run", os.path.join(REPO, "tools", "summarize_run.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    pre = tmp_path / "pretrain"
+    pre.mkdir()
+    (pre / "metrics.json").write_text(json.dumps({"iteration": 29, "loss_contrast_p2": 5.0}) + "\n")
+
+    def run(box, mask):
+        return {"seed": 0, "results": {"bbox": {"AP": box, "AP50": 2 * box, "AP75": box / 2},
+                                       "segm": {"AP": mask, "AP50": 2 * mask, "AP75": mask / 2}}}
+
+    data = {"models": [{"name": "insloc_fpn", "kind": "checkpoint", "runs": {"0": run(22.5, 20.25)}},
+                       {"name": "random", "kind": "random", "runs": {"0": run(5.0, 4.0)}}]}
+    (tmp_path / "transfer.json").write_text(json.dumps(data))
+    assert mod.main(["--pretrain", str(pre), "--transfer", str(tmp_path / "transfer.json")]) == 0
+    out = " ".join(capsys.readouterr().out.split(" "))
+    lines = [" ".join(line.split()) for line in out.splitlines()]
+    assert "insloc_fpn (seed 0) 22.50 (45.0, 11.2) 20.25 (40.5, 10.1)" in lines
+    assert "random init (seed 0) 5.00 (10.0, 2.5) 4.00 (8.0, 2.0)" in lines
+    assert "pretraining bought: +17.50 box AP, +16.25 mask AP (insloc_fpn vs random init" in out
