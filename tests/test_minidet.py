@@ -232,3 +232,28 @@ def test_unbuilt_split_names_the_build_command(tmp_path):
             DatasetCatalog.get("regionssl_minidet_train")
     finally:
         minidet.register_minidet(force=True)
+
+
+def test_protocol_config_reads_the_masks_as_bitmasks(built):
+    """The miniature protocol's mapper turns the RLE masks into BitMasks whose extents are the
+    boxes (after its resize and flip, to within the 1-px resampling of a mask edge)."""
+    import torch
+    from detectron2.data import DatasetMapper
+    from detectron2.structures import BitMasks
+
+    from regionssl.engine import get_regionssl_cfg
+
+    root, _ = built
+    cfg = get_regionssl_cfg(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
+                                         "finetune", "minidet_mask_rcnn_R_50_FPN_mini.yaml"))
+    assert cfg.DATASETS.TRAIN == ("regionssl_minidet_train",) and cfg.MODEL.ROI_HEADS.NUM_CLASSES == len(minidet.CLASSES)
+    try:
+        minidet.register_minidet(root, force=True)
+        mapper = DatasetMapper(cfg, is_train=True)
+        for record in DatasetCatalog.get("regionssl_minidet_train")[:4]:
+            inst = mapper(record)["instances"]
+            assert isinstance(inst.gt_masks, BitMasks) and len(inst) == len(record["annotations"])
+            extent = inst.gt_masks.get_bounding_boxes().tensor
+            assert torch.allclose(extent, inst.gt_boxes.tensor, atol=1.5)
+    finally:
+        minidet.register_minidet(force=True)
