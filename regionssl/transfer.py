@@ -19,6 +19,8 @@ import math
 import os
 import re
 
+from .utils.files import file_sha1
+
 __all__ = [
     "METRICS", "ModelSpec", "TransferError", "parse_model_spec", "config_identity", "check_run_identity",
     "read_eval_metrics", "read_timings", "summarize", "markdown_table", "plot_summary", "file_sha1",
@@ -77,14 +79,6 @@ def parse_model_spec(text):
     if not _NAME.match(spec.name):
         raise TransferError(f"Model name {spec.name!r} (from {text!r}) must be letters, digits, '_', '.', '+', '-'.")
     return spec
-
-
-def file_sha1(path):
-    h = hashlib.sha1()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def config_identity(cfg_text, weights_sha1=None):

@@ -145,10 +145,13 @@ def plan(args):
             pcfg = pretrain_cfg(spec, args, pdir)
             check_run_identity(pdir, config_identity(pcfg.dump()))
         weights = _weights_path(spec, args)
+        # the weights' checksum is known now unless a pretraining is still to run
+        known = not weights or os.path.isfile(weights)
+        sha = file_sha1(weights) if weights and known else None
         for seed in args.seeds:
             run_dir = _run_dir(args, spec, seed)
-            check_run_identity(run_dir, config_identity(finetune_cfg(args, weights, seed, run_dir).dump()),
-                               check_weights=False)
+            check_run_identity(run_dir, config_identity(finetune_cfg(args, weights, seed, run_dir).dump(), sha),
+                               check_weights=known)
         out.append((spec, pcfg))
     return out
 
@@ -225,7 +228,7 @@ def run(args):
         rows.append((spec.name, len(args.seeds), summary))
         models.append({"name": spec.name, "kind": spec.kind, "spec": spec.path, "weights": weights,
                        "weights_sha1": sha, "runs": entries, "summary": summary})
-    title = (f"Fine-tuning protocol `{os.path.relpath(args.finetune_config, REPO) if os.path.isabs(args.finetune_config) else args.finetune_config}`"
+    title = (f"Fine-tuning protocol `{args.finetune_config}`"
              + (f" with `{' '.join(args.finetune_opts)}`" if args.finetune_opts else "")
              + f", seeds {' '.join(map(str, args.seeds))}")
     table = markdown_table(rows, title)

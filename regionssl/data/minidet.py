@@ -27,6 +27,7 @@ import numpy as np
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import register_coco_instances
 
+from ..utils.files import file_sha1
 from .atomic import build_once
 from .datasets import IMAGE_EXTENSIONS, read_rgb_or_none
 
@@ -127,18 +128,10 @@ def split_cutouts(cutouts, val_fraction, seed):
     return out
 
 
-def _file_digest(path):
-    h = hashlib.sha1()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def check_disjoint_backgrounds(train_files, val_files):
     """Raise ValueError naming the file if a val background is also a train background (same
     path or same bytes). Returns ``{path: sha1}`` of every file (part of the build stamp)."""
-    digests = {p: _file_digest(p) for p in list(train_files) + list(val_files)}
+    digests = {p: file_sha1(p) for p in list(train_files) + list(val_files)}
     train_real = {os.path.realpath(p): p for p in train_files}
     train_digest = {digests[p]: p for p in train_files}
     for p in val_files:
