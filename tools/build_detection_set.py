@@ -51,8 +51,8 @@ def background_files(name):
         ensure_registered([name])
         return [d["file_name"] for d in DatasetCatalog.get(name)]
     except (KeyError, FileNotFoundError, ValueError) as e:
-        sys.exit(f"Background dataset {name!r} is not available ({e}). Build the photo pool first: "
-                 "python tools/build_photo_pool.py")
+        hint = "" if "build_photo_pool" in str(e) else " Build the photo pool first: python tools/build_photo_pool.py"
+        sys.exit(f"Background dataset {name!r} is not available: {e}{hint}")
 
 
 def main(argv=None):
