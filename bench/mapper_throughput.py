@@ -54,8 +54,9 @@ PIPELINES = {
     "CopyPaste + PastedBox + jitter (InsLoc)": ("configs/insloc_fpn.yaml", []),
     # ablations: what the JPEG draft decoding and OpenCV resizing contribute
     "ablation: MoCo-v2 without JPEG draft": ("configs/mocov2.yaml", ["INPUT.REGIONSSL.JPEG_DRAFT", "False"]),
-    "ablation: InsLoc without JPEG draft": ("configs/insloc_fpn.yaml", ["INPUT.REGIONSSL.JPEG_DRAFT", "False"]),
-    "ablation: InsLoc with cv2_bilinear (as mmcv)": ("configs/insloc_fpn.yaml", ["INPUT.REGIONSSL.INTERPOLATION", "cv2_bilinear"]),
+    # insloc_fpn.yaml decodes fully and resizes with OpenCV bilinear, as the official code
+    "ablation: InsLoc with JPEG draft": ("configs/insloc_fpn.yaml", ["INPUT.REGIONSSL.JPEG_DRAFT", "True"]),
+    "ablation: InsLoc with PIL bilinear": ("configs/insloc_fpn.yaml", ["INPUT.REGIONSSL.INTERPOLATION", "bilinear"]),
 }
 BASELINE = "torchvision two-crop (MoCo-v2 aug+, no boxes)"
 # Reference pipelines built like the official ones for the multi-view generators (no boxes either).
@@ -133,7 +134,7 @@ def torchvision_multi_crop():
 
 
 def insloc_style_copy_paste(files, canvas=256, fg=(128, 255)):
-    """InsLoc's data path as its paper/code describe it (METHODS.md 4.1): OpenCV decode of the
+    """InsLoc's data path as its code has it (docs/methods/insloc.md): OpenCV decode of the
     foreground and two random backgrounds, backgrounds resized to canvas x canvas, two crops
     (scale (0.2, 1), ratio (0.5, 2)) rescaled into a random (w, h) in [128, 255) keeping aspect,
     pasted, then PIL pixel augmentation + flip + ToTensor per composite."""

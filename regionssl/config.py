@@ -1,14 +1,15 @@
 """All configuration keys regionssl adds to Detectron2's config.
 
 Model-side keys live under ``MODEL.REGIONSSL``, input-side keys under ``INPUT.REGIONSSL``,
-optimizer keys under ``SOLVER.REGIONSSL`` and probe keys under ``TEST.REGIONSSL``. Nothing is
+optimizer keys under ``SOLVER.REGIONSSL``, and keys that observe a run without changing it (probe,
+experiment tracking) under ``TEST.REGIONSSL``, next to Detectron2's own evaluation keys. Nothing is
 added to Detectron2's own subtrees. Each key carries one comment: meaning, unit/range and the
 paper symbol where there is one. Defaults are the official InsLoc / MoCo-v2 values; method
 leaves under ``configs/`` override what differs.
 """
 from detectron2.config import CfgNode as CN
 
-__all__ = ["add_regionssl_config"]
+__all__ = ["add_regionssl_config", "per_level"]
 
 
 def add_regionssl_config(cfg):
@@ -20,6 +21,24 @@ def add_regionssl_config(cfg):
     _add_solver_keys(cfg)
     _add_test_keys(cfg)
     return cfg
+
+
+def per_level(key, values, levels, levels_key="MODEL.REGIONSSL.IN_FEATURES"):
+    """``list(values)`` if it has one entry per entry of ``levels``, else a ValueError naming both keys.
+
+    Args:
+        key (str): full config key of the list, e.g. "MODEL.REGIONSSL.LEVEL_WEIGHTS".
+        values: its value.
+        levels (list): what the entries correspond to (the value of ``levels_key``).
+        levels_key (str): the config key (or a description) ``levels`` comes from.
+    """
+    values = list(values)
+    if len(values) != len(levels):
+        raise ValueError(
+            f"{key} = {values} has {len(values)} entries; it needs {len(levels)}, one per entry of "
+            f"{levels_key} = {list(levels)}."
+        )
+    return values
 
 
 def _add_model_keys(cfg):
@@ -55,7 +74,8 @@ def _add_model_keys(cfg):
     r.MOMENTUM.SCHEDULE = "constant"
 
     r.QUEUE = CN()
-    # Number of negatives K per queue (MoCo/InsLoc: 65536). Must be a multiple of the global batch.
+    # Number of negatives K per queue (MoCo/InsLoc: 65536). 0 = no queue: the negatives of each query
+    # are the other keys of the global batch (MoCo v3), never stale; for small-batch runs.
     r.QUEUE.SIZE = 65536
 
     r.PROJECTOR = CN()
@@ -66,6 +86,10 @@ def _add_model_keys(cfg):
     # Normalisation after the hidden layer: "" (MoCo-v2), "BN" or "SyncBN" (BYOL/SCRL sync it
     # across GPUs; -> "naiveSyncBN" for CPU processes). BYOL/SCRL/CVSA use it for the predictor too.
     r.PROJECTOR.NORM = ""
+    # MoCo-rule methods (InsLoc, MoCo-v2, ReSim's instance branch): normalisation of the projector's
+    # output, BN without scale/shift as MoCo v3 ("" = none, the official MoCo-v2 head). Removes the
+    # direction every embedding shares, which dominates at random initialisation in small runs.
+    r.PROJECTOR.OUT_NORM = ""
 
     r.PREDICTOR = CN()
     # Hidden width of the BYOL predictor q (4096); output width equals PROJECTOR.OUT_DIM.
@@ -131,12 +155,19 @@ def _add_input_keys(cfg):
     i.FLIP_PROB = 0.5
     # A pair yielding no valid region is re-drawn this many times, then the image is skipped with a warning.
     i.MAX_RESAMPLE = 10
+    # Draw the images group by group (``"group"`` of the dataset records: a video clip, a stereo pair;
+    # images without one are their own group): rounds over all groups in random order, one random
+    # member each, so every group is drawn equally often and a batch rarely holds one group twice.
+    i.BALANCE_GROUPS = False
     # Decode JPEGs at 1/2, 1/4 or 1/8 scale (libjpeg DCT scaling) when every crop shrinks at least that much.
     i.JPEG_DRAFT = True
 
     i.PHOTOMETRIC = CN()
     # Colour jitter strengths (brightness, contrast, saturation, hue) (MoCo-v2: 0.4,0.4,0.4,0.1).
     i.PHOTOMETRIC.COLOR_JITTER = (0.4, 0.4, 0.4, 0.1)
+    # "torchvision" (MoCo/SCRL/SwAV/ReSim/InsLoc) or "deepmind" (BYOL's JAX ops: additive brightness,
+    # per-channel contrast, HSV saturation), see regionssl/data/photometric.py.
+    i.PHOTOMETRIC.COLOR_JITTER_SEMANTICS = "torchvision"
     # Probability of applying colour jitter (0.8).
     i.PHOTOMETRIC.COLOR_JITTER_PROB = 0.8
     # Probability of converting to grayscale (0.2).
@@ -147,6 +178,8 @@ def _add_input_keys(cfg):
     i.PHOTOMETRIC.BLUR_SIGMA = (0.1, 2.0)
     # "gaussian" (MoCo/BYOL) or "resize" (SCRL: down-scale by 1.1/1.2/1.5 and back up).
     i.PHOTOMETRIC.BLUR_TYPE = "gaussian"
+    # Blur before colour jitter and grayscale (ReSim's order) instead of after them (MoCo-v2's).
+    i.PHOTOMETRIC.BLUR_FIRST = False
     # Solarize probability per view (BYOL: 0.0, 0.2). Last value repeats.
     i.PHOTOMETRIC.SOLARIZE_PROB = [0.0, 0.0]
     # Turn every photometric op off (geometry tests, visualisation).
@@ -179,6 +212,13 @@ def _add_input_keys(cfg):
     i.JITTER.ANCHOR_RATIOS = [0.5, 0.75, 1.0, 1.5, 2.0]
     # An anchor qualifies when its IoU with the box exceeds this (0.5).
     i.JITTER.IOU_THRESHOLD = 0.5
+    # Anchor centres at (OFFSET + k) * stride (InsLoc's mmdet anchors: 0.0, i.e. 0, 16, 32, ...).
+    i.JITTER.ANCHOR_OFFSET = 0.0
+    # NMS IoU threshold among qualifying anchors, with random scores; one survivor is drawn (0.7).
+    # 1.0 = no suppression: uniform over the qualifying anchors.
+    i.JITTER.NMS_THRESHOLD = 0.7
+    # If no anchor qualifies, the candidates are this many anchors of highest IoU (4000; 1 = best).
+    i.JITTER.FALLBACK_TOPK = 4000
 
     i.INTERSECTION = CN()
     # At most this many boxes per image (SCRL: 10).
@@ -214,6 +254,19 @@ def _add_solver_keys(cfg):
     s.LARS_TRUST = 0.001
     # LARS: biases and norm parameters get neither adaptation nor weight decay.
     s.LARS_EXCLUDE_BIAS_AND_NORM = True
+    # If set, a regular expression on parameter names choosing the excluded parameters instead of
+    # "every bias and norm layer" (SCRL's name rule, see configs/scrl.yaml and docs/methods/scrl.md).
+    s.LARS_EXCLUDE_NAMES = ""
+    # SCRL's CustomLARS quirk: excluded gradients are multiplied by lr before SGD applies lr again
+    # (step lr^2 * g). Only configs/scrl.yaml turns it on (docs/methods/scrl.md).
+    s.LARS_EXCLUDED_GRAD_TIMES_LR = False
+    # Gradient accumulation k: each optimizer step runs k micro-batches of IMS_PER_BATCH / k images
+    # and averages their gradients (1 = off). REFERENCE_WORLD_SIZE scaling counts every process as
+    # k processes, so N GPUs with k = 8 / N run an 8-GPU recipe unchanged.
+    s.ACCUMULATE = 1
+    # With ACCUMULATE > 1, run even when the method's update is not the large batch's (BatchNorm,
+    # shuffle-BN, Sinkhorn or in-batch negatives see B/k instead of B); a warning says what differs.
+    s.ACCUMULATE_ALLOW_DIFFERENCE = False
 
 
 def _add_test_keys(cfg):
@@ -229,3 +282,28 @@ def _add_test_keys(cfg):
     t.PROBE_CROP_SIZE = 224
     # Probe rounds: each draws one view pair (one region) per image tile and retrieves among all tiles.
     t.PROBE_ROUNDS = 8
+    # Tiles per side of each probe image (g x g places per image); 0 = the smallest g giving >= 64
+    # tiles in all. g > 1 makes regions compete with the other places of their own image.
+    t.PROBE_GRID = 0
+
+    # Experiment tracking: scalars of the EventStorage (losses, lr, regionssl/*, probe/*, AP) are also
+    # written to Weights & Biases and/or MLflow, from the main process, every 20 iterations (as the
+    # TensorBoard writer). Off by default; the packages are imported only when enabled.
+    t.WANDB = CN()
+    t.WANDB.ENABLED = False
+    # W&B project and entity ("" = the account's default entity).
+    t.WANDB.PROJECT = "regionssl"
+    t.WANDB.ENTITY = ""
+    # "online", "offline" (files under OUTPUT_DIR/wandb; `wandb sync` later) or "disabled".
+    t.WANDB.MODE = "online"
+    # Run name ("" = the last component of OUTPUT_DIR). The run id is kept in OUTPUT_DIR/wandb_run_id
+    # so a resumed (e.g. requeued) job continues the same run.
+    t.WANDB.RUN_NAME = ""
+    t.MLFLOW = CN()
+    t.MLFLOW.ENABLED = False
+    # Tracking URI, e.g. "http://mlflow:5000", "sqlite:///mlflow.db", "file:/path/mlruns" (MLflow 3
+    # also wants MLFLOW_ALLOW_FILE_STORE=true for file:) ("" = MLflow's default, $MLFLOW_TRACKING_URI).
+    t.MLFLOW.TRACKING_URI = ""
+    t.MLFLOW.EXPERIMENT = "regionssl"
+    # Run name ("" = the last component of OUTPUT_DIR); the run id is kept in OUTPUT_DIR/mlflow_run_id.
+    t.MLFLOW.RUN_NAME = ""

@@ -2,9 +2,11 @@
 
 Protocol (fixed, independent of the method's own input config, the same for every model):
 
-1. Each held-out image is cut into a g x g grid of disjoint **tiles**, g = ceil(sqrt(64 / images))
-   (4 images -> 4 x 4 tiles, >= 64 images -> the whole images), so the gallery has >= 64 distinct
-   places even with a handful of photos, and no two gallery regions share pixels.
+1. Each held-out image is cut into a g x g grid of disjoint **tiles**, g = ``TEST.REGIONSSL.PROBE_GRID``
+   or, when that is 0, g = ceil(sqrt(64 / images)) (4 images -> 4 x 4 tiles, >= 64 images -> the
+   whole images), so the gallery has >= 64 distinct places even with a handful of photos, and no
+   two gallery regions share pixels. With g > 1 a region must be told apart from the other places
+   of its own image, not only from other images (region-level, not image-level retrieval).
 2. One **round** draws, for every tile, two views — RandomResizedCrops of side S
    (``TEST.REGIONSSL.PROBE_CROP_SIZE``), area scale (0.3, 1), flip 0.5, MoCo-v2 photometric
    augmentation (colour jitter 0.4/0.4/0.4/0.1 p=0.8, grayscale 0.2, blur sigma (0.1, 2) p=0.5)
@@ -88,17 +90,24 @@ def image_tiles(image, grid):
 
 @contextmanager
 def _seeded(seed):
-    """Seed python/numpy/torch RNGs inside, restore the previous states on exit."""
-    states = random.getstate(), np.random.get_state(), torch.get_rng_state()
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    try:
-        yield
-    finally:
-        random.setstate(states[0])
-        np.random.set_state(states[1])
-        torch.set_rng_state(states[2])
+    """Seed the python, numpy and torch CPU generators inside; restore their states on exit.
+
+    Only host generators are seeded: the probe draws its views on the CPU. ``torch.manual_seed``
+    would also reseed every GPU generator (or, before CUDA starts, queue that seed for it) without
+    restoring them, so GPU draws of the training (shuffle-BN permutations) would restart from the
+    same sequence after every probe, and a resumed run would differ from an uninterrupted one.
+    ``fork_rng(devices=[])`` saves and restores the CPU generator only, and touches no device.
+    """
+    states = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.default_generator.manual_seed(seed)
+        try:
+            yield
+        finally:
+            random.setstate(states[0])
+            np.random.set_state(states[1])
 
 
 def retrieval_accuracy(a, b, image_ids=None):
@@ -133,9 +142,10 @@ def _embed(model, views, boxes):
     return torch.cat(out)
 
 
-def _draw_rounds(images, crop_size, rounds):
-    """Per round, a list of (view1, view2, box1, box2, image index) over all tiles."""
-    grid = max(1, math.ceil(math.sqrt(PROBE_MIN_GALLERY / len(images))))
+def _draw_rounds(images, crop_size, rounds, grid=0):
+    """Per round, a list of (view1, view2, box1, box2, image index) over all tiles (``grid`` x
+    ``grid`` per image; 0 = the smallest grid giving ``PROBE_MIN_GALLERY`` tiles)."""
+    grid = grid or max(1, math.ceil(math.sqrt(PROBE_MIN_GALLERY / len(images))))
     tiles = [(i, t) for i, im in enumerate(images) for t in image_tiles(im, grid)]
     views = ProbeViews(crop_size)
     out = []
@@ -151,7 +161,7 @@ def run_probe(model, cfg, dataset=None, max_images=None, seed=0):
     Args:
         model: a :class:`RegionSSLBase` (not DDP-wrapped).
         cfg: config; ``TEST.REGIONSSL.{PROBE_DATASET, PROBE_MAX_IMAGES, PROBE_CROP_SIZE,
-            PROBE_ROUNDS}`` are used.
+            PROBE_ROUNDS, PROBE_GRID}`` are used.
         dataset: image-only dataset name (default ``PROBE_DATASET``).
         max_images: at most this many images (default ``PROBE_MAX_IMAGES``).
         seed: fixes tiles' views, boxes and photometric draws (the same for every model).
@@ -164,7 +174,7 @@ def run_probe(model, cfg, dataset=None, max_images=None, seed=0):
     if not images:
         raise ValueError(f"Probe dataset {dataset!r} has no readable images")
     with _seeded(seed):
-        rounds = _draw_rounds(images, t.PROBE_CROP_SIZE, t.PROBE_ROUNDS)
+        rounds = _draw_rounds(images, t.PROBE_CROP_SIZE, t.PROBE_ROUNDS, t.PROBE_GRID)
     was_training = model.training
     model.eval()
     results = []

@@ -6,7 +6,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${REGIONSSL_VENV:-$ROOT/.venv}"
 PY="${PYTHON:-python3.11}"
 command -v "$PY" >/dev/null 2>&1 || PY=python3
-STAMP="$VENV/.regionssl-setup-v1"
+STAMP="$VENV/.regionssl-setup-v2"  # bump when the installed set changes
 
 if [[ -f "$STAMP" ]] && "$VENV/bin/python" -c "import detectron2, torch, torchvision, regionssl" 2>/dev/null; then
   exit 0
@@ -20,6 +20,8 @@ echo "[setup] torch 2.14.1 + torchvision 0.29.1 (several GB on x86_64, from the 
 "${PIP[@]}" install "torch==2.14.1" "torchvision==0.29.1" 2>&1 | grep -v "is ignored" || true
 echo "[setup] Detectron2 runtime dependencies"
 "${PIP[@]}" install -r "$ROOT/requirements.txt"
+echo "[setup] optional integrations for the tests (submitit, wandb, mlflow-skinny)"
+"${PIP[@]}" install -r "$ROOT/requirements-extra.txt"
 SITE="$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
 if ! "$VENV/bin/python" -c "import detectron2" 2>/dev/null; then
   echo "[setup] Detectron2 (sal-detectron2==0.7.2: official source at a59f0563, wheel tagged cp310)"
@@ -30,5 +32,5 @@ fi
 rm -rf "$SITE/tools"
 echo "[setup] regionssl (editable)"
 "${PIP[@]}" install --no-deps --no-build-isolation -e "$ROOT"
-"$VENV/bin/python" -c "import detectron2, torch, torchvision, regionssl; print('[setup] ok: torch', torch.__version__, 'detectron2', detectron2.__version__)"
+"$VENV/bin/python" -c "import detectron2, torch, torchvision, regionssl, submitit, wandb, mlflow; print('[setup] ok: torch', torch.__version__, 'detectron2', detectron2.__version__)"
 touch "$STAMP"

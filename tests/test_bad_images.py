@@ -172,3 +172,80 @@ def test_empty_missing_and_imageless_folders_fail_clearly(tmp_path):
 
 def test_min_image_side_is_small():
     assert MIN_IMAGE_SIDE <= 8  # a 20x15 image is mapped, not skipped
+
+
+# ----------------------------------------------------------------------------- skipped files: once, counted
+def _folder_with_bad_files(root):
+    root.mkdir(parents=True, exist_ok=True)
+    rgb = _rgb()
+    for i in range(3):
+        Image.fromarray(np.roll(rgb, 40 * i, axis=1)).save(root / f"good{i}.jpg", quality=90)
+    (root / "corrupt.jpg").write_bytes(np.random.RandomState(1).bytes(3000))
+    data = (root / "good0.jpg").read_bytes()
+    (root / "truncated.jpg").write_bytes(data[: len(data) // 2])
+    return [str(root / "corrupt.jpg"), str(root / "truncated.jpg")]
+
+
+def test_unreadable_file_warns_once_over_epochs(tmp_path, caplog, monkeypatch):
+    """The loader returns to the two bad files every epoch; each is warned about once."""
+    from regionssl.data import mapper as mapper_module
+
+    bad = _folder_with_bad_files(tmp_path / "imgs")
+    opened = []
+    real_open = mapper_module.open_image_or_none
+    monkeypatch.setattr(mapper_module, "open_image_or_none", lambda f, *a: opened.append(f) or real_open(f, *a))
+    cfg = get_regionssl_cfg(None, _opts("TwoCrops", "IntersectionBoxes"))
+    cfg.DATASETS.TRAIN = (f"folder:{tmp_path / 'imgs'}",)
+    cfg.SOLVER.IMS_PER_BATCH = 3
+    cfg.DATALOADER.NUM_WORKERS = 0
+    loader = iter(build_pretrain_train_loader(cfg))
+    with caplog.at_level(logging.WARNING):
+        carried = [f for _ in range(10) for d in next(loader) for f in d["skipped_files"]]  # 30 samples ~ 6+ epochs
+    for name in bad:
+        assert opened.count(name) >= 3, "each bad file is requested in several epochs"
+        assert sum(name in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING) == 1, name
+    assert sorted(carried) == sorted(bad)  # each name travels once, in some mapped sample
+
+
+def test_skipped_files_counted_over_workers_in_metrics_and_summary(tmp_path, caplog):
+    """Two loader workers: the hook's ``regionssl/skipped_images`` counts distinct files over both
+    (2, whichever worker met them, however often), the end of training logs it and writes the
+    names, and tools/summarize_run.py prints it from metrics.json."""
+    import contextlib
+    import io
+    import json
+    import types
+
+    from detectron2.utils.events import EventStorage
+
+    from regionssl.engine.hooks import CollectSkippedFiles, SkippedFilesHook
+    from tools.summarize_run import main as summarize
+
+    bad = _folder_with_bad_files(tmp_path / "imgs")
+    cfg = get_regionssl_cfg(None, _opts("TwoCrops", "WholeView"))
+    cfg.DATASETS.TRAIN = (f"folder:{tmp_path / 'imgs'}",)
+    cfg.SOLVER.IMS_PER_BATCH = 2
+    cfg.DATALOADER.NUM_WORKERS = 2
+    collector = CollectSkippedFiles(build_pretrain_train_loader(cfg))
+    out = tmp_path / "pretrain"
+    trainer = types.SimpleNamespace(_trainer=types.SimpleNamespace(data_loader=collector), iter=0, max_iter=12)
+    hook = SkippedFilesHook(str(out))
+    hook.trainer = trainer
+    with EventStorage(0) as storage, caplog.at_level(logging.INFO):
+        for it, batch in zip(range(trainer.max_iter), collector):  # 24 samples: each worker sees both bad files
+            trainer.iter = storage.iter = it
+            hook.after_step()
+        hook.after_train()
+        count = storage.latest()["regionssl/skipped_images"][0]
+    assert count == 2 and collector.files == set(bad)
+    assert (out / "skipped_images.txt").read_text().split() == sorted(bad)
+    assert any("Skipped image files: 2 unreadable" in r.getMessage() for r in caplog.records)
+    # the run summary reads the metric from metrics.json
+    (out / "metrics.json").write_text(json.dumps({"iteration": 11, "loss_byol": 1.5, "regionssl/skipped_images": count}) + "\n")
+    fine = tmp_path / "finetune"
+    fine.mkdir()
+    (fine / "metrics.json").write_text(json.dumps({"bbox/AP": 1.0, "segm/AP": 0.5}) + "\n")
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert summarize(["--pretrain", str(out), "--finetune", str(fine)]) == 0
+    assert f"skipped     : 2 unreadable image files (names: {out / 'skipped_images.txt'})" in buf.getvalue()

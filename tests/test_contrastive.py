@@ -23,7 +23,7 @@ from regionssl.data.build import get_pretrain_dataset_dicts
 from regionssl.data.mapper import RegionSSLDatasetMapper
 from regionssl.engine import PretrainTrainer, get_regionssl_cfg
 from regionssl.modeling.encoders import ema_update, make_momentum_copy, momentum_at, shuffled_forward, split_forward
-from regionssl.modeling.losses import info_nce
+from regionssl.modeling.losses import info_nce, info_nce_in_batch
 from regionssl.modeling.queues import KeyQueues
 
 QUICK = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "quick_schedules")
@@ -128,9 +128,22 @@ def _dist_worker(out_dir):
               "boxes": [torch.tensor([[0.0, 0.0, 64.0, 64.0]])] * 2, "valid": torch.tensor([True])}
              for _ in range(2)]
     losses = model(batch)
+
+    # no queue (QUEUE.SIZE 0): the negatives are the other keys of the global batch (both ranks)
+    cfg0 = _cfg("mocov2_instant_test.yaml", *R18, "MODEL.REGIONSSL.QUEUE.SIZE", 0)
+    torch.manual_seed(0)
+    model0 = build_model(cfg0).train()
+    assert model0.queues is None and not any(k.startswith("queues.") for k in model0.state_dict())
+    for name in ("key_embed", "query_embed"):
+        def spy(*args, _fn=getattr(model0, name), _name=name):
+            rec[_name] = _fn(*args)
+            return rec[_name]
+        setattr(model0, name, spy)
+    loss0 = model0(batch)["loss_contrast_global"]
     torch.save({"queue": queues.queue, "ptr": queues.ptr, "fill": queues.fill, "keys": keys, "calls": calls,
                 "model_queue": model.queues.queue, "model_ptr": model.queues.ptr, "model_keys": rec["k"],
-                "loss": {k: float(v) for k, v in losses.items()}},
+                "loss": {k: float(v) for k, v in losses.items()},
+                "in_batch": {"q": rec["query_embed"][0].detach(), "k": rec["key_embed"][0], "loss": loss0.detach()}},
                os.path.join(out_dir, f"rank{rank}.pt"))
 
 
@@ -157,6 +170,13 @@ def test_two_processes_queues_and_shuffle_bn(tmp_path):
     both = torch.cat([r0["model_keys"][0], r1["model_keys"][0]])  # (4, 128)
     torch.testing.assert_close(r0["model_queue"][0][:, :4], both.t())
     assert all(math.isfinite(v) for r in (r0, r1) for v in r["loss"].values())
+    # in-batch negatives: each rank's query i is scored against all 4 keys of both ranks, its own
+    # key (global row 2 * rank + i) positive, the other 3 negatives (T = 0.2)
+    keys = torch.cat([r0["in_batch"]["k"], r1["in_batch"]["k"]])  # (4, 128)
+    for rank, r in enumerate((r0, r1)):
+        logits = r["in_batch"]["q"] @ keys.t() / 0.2  # (2, 4)
+        expected = F.cross_entropy(logits, torch.tensor([2 * rank, 2 * rank + 1]))
+        torch.testing.assert_close(r["in_batch"]["loss"], expected, rtol=1e-5, atol=1e-6)
 
 
 def test_one_process_split_and_shuffle():
@@ -245,6 +265,25 @@ def test_info_nce_hand_numbers():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss16, logits16 = info_nce(q.bfloat16(), k.bfloat16(), negatives.bfloat16(), 0.5)
     assert logits16.dtype == torch.float32 and loss16.dtype == torch.float32
+
+
+def test_info_nce_in_batch_hand_numbers():
+    q = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    keys = torch.tensor([[0.6, 0.8], [1.0, 0.0], [0.0, 1.0]])  # (M = 3, D)
+    own = torch.tensor([0, 2])  # query 0's key is row 0, query 1's key is row 2
+    loss, logits = info_nce_in_batch(q, keys, own, temperature=0.5)
+    # row 0: positive 0.6, negatives (1, 0); row 1: positive 1, negatives (0.8, 0); all / 0.5
+    torch.testing.assert_close(logits, torch.tensor([[1.2, 2.0, 0.0], [2.0, 1.6, 0.0]]))
+    expected_rows = [math.log(math.exp(1.2) + math.exp(2.0) + 1.0) - 1.2,
+                     math.log(math.exp(2.0) + math.exp(1.6) + 1.0) - 2.0]
+    assert loss.item() == pytest.approx(sum(expected_rows) / 2, abs=1e-6)
+    # the same as info_nce with each row's negatives given explicitly
+    for i, negs in enumerate((keys[[1, 2]], keys[[0, 1]])):
+        li, _ = info_nce(q[i : i + 1], keys[own[i]][None], negs.t(), 0.5)
+        assert li.item() == pytest.approx(expected_rows[i], abs=1e-6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, logits16 = info_nce_in_batch(q.bfloat16(), keys.bfloat16(), own, 0.5)
+    assert logits16.dtype == torch.float32
 
 
 # ----------------------------------------------------------------------------- end to end
@@ -373,3 +412,31 @@ def test_run_probe_is_seeded_and_restores_state(monkeypatch):
     assert first["num_regions"] == 16 and first["chance"] == 1 / 16  # 1 image -> 4 x 4 tiles
     assert set(first) >= {"top1", "top1_v1_to_v2", "top1_v2_to_v1", "image_top1", "num_queries"}
     assert 0.0 <= first["top1"] <= 1.0 and first["image_top1"] == 1.0
+    # an explicit grid overrides the automatic one: 2 images x 3 x 3 tiles = 18 places per round
+    cfg.TEST.REGIONSSL.PROBE_GRID = 3
+    gridded = run_probe(model, cfg, max_images=2)
+    assert gridded["num_regions"] == 18 and gridded["chance"] == 1 / 18
+    assert gridded["num_queries"] == 18 and 0.0 <= gridded["image_top1"] <= 1.0
+
+
+def test_projector_output_norm_removes_the_shared_direction():
+    from regionssl.modeling.heads import MLP
+
+    torch.manual_seed(0)
+    plain, normed = MLP(16, 32, 8), MLP(16, 32, 8, out_norm="BN")
+    normed.load_state_dict(plain.state_dict(), strict=False)  # same Linear weights
+    x = torch.rand(64, 16) + 3.0  # non-negative inputs with a large common part, like pooled ReLU features
+    z_plain, z_normed = plain(x), normed(x)
+    # MoCo v3's output BN has no scale/shift: per dimension, zero mean and unit (biased) variance
+    assert not any(p.requires_grad for p in normed[-1].parameters()) and len(list(normed[-1].parameters())) == 0
+    torch.testing.assert_close(z_normed.mean(0), torch.zeros(8), atol=1e-5, rtol=0)
+    v = z_plain.var(0, unbiased=False)
+    torch.testing.assert_close(z_normed.var(0, unbiased=False), v / (v + 1e-5), atol=1e-4, rtol=0)  # BN's eps
+    torch.testing.assert_close(z_normed, (z_plain - z_plain.mean(0)) / (z_plain.var(0, unbiased=False) + 1e-5).sqrt(),
+                               atol=1e-4, rtol=0)
+    # the common direction dominates the plain head's unit embeddings and is gone after the norm
+    cos = lambda z: (F.normalize(z, dim=1) @ F.normalize(z, dim=1).t()).mean().item()  # noqa: E731
+    assert cos(z_plain) > 0.9 and abs(cos(z_normed)) < 0.05
+    assert normed.out_features == plain.out_features == 8
+    # the official head (no output norm) keeps exactly its checkpoint keys
+    assert list(plain.state_dict()) == ["0.weight", "0.bias", "2.weight", "2.bias"]

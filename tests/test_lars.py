@@ -177,3 +177,116 @@ def test_optimizer_runs_on_model_groups():
     assert not torch.equal(before[id(model[3].weight)].float(), model[3].weight.detach())
     sd = opt.state_dict()
     assert sd["param_groups"][1]["lars_exclude"] is True
+
+
+# ----------------------------------------------------------------------------- SCRL's CustomLARS
+def test_scrl_excluded_step_is_lr_squared_by_hand():
+    """SCRL's quirk (kakaobrain/scrl optim/optim.py): the excluded gradient is multiplied by lr,
+    then SGD multiplies by lr again. b = 1, g = 0.5, momentum 0.9, lr 0.1 then 0.2:
+    step 1: d = 0.1 * 0.5 = 0.05, buf = 0.05, b = 1 - 0.1 * 0.05 = 0.995;
+    step 2: d = 0.2 * 0.5 = 0.1, buf = 0.9 * 0.05 + 0.1 = 0.145, b = 0.995 - 0.2 * 0.145 = 0.966."""
+    b = nn.Parameter(torch.tensor([1.0], dtype=torch.float64))
+    c = nn.Parameter(torch.tensor([1.0], dtype=torch.float64))  # same group without the quirk
+    opt = LARS([{"params": [b], "lars_exclude": True, "grad_times_lr": True},
+                {"params": [c], "lars_exclude": True}], lr=0.1, momentum=0.9)
+    for lr in (0.1, 0.2):
+        for group in opt.param_groups:
+            group["lr"] = lr
+        b.grad, c.grad = torch.tensor([0.5], dtype=torch.float64), torch.tensor([0.5], dtype=torch.float64)
+        opt.step()
+    torch.testing.assert_close(b.detach(), torch.tensor([0.966], dtype=torch.float64))
+    # plain SGD: 1 - 0.1 * 0.5 = 0.95, then buf = 0.45 + 0.5 = 0.95, 0.95 - 0.2 * 0.95 = 0.76
+    torch.testing.assert_close(c.detach(), torch.tensor([0.76], dtype=torch.float64))
+
+
+def _custom_lars_reference(sgd, eta, eps):
+    """One step of torchlars ``LARS.step`` with SCRL's ``CustomLARS.apply_adaptive_lrs``, written
+    from the official code: weight decays hidden from SGD, grad += wd * p, grad *= trust ratio
+    (LARS groups) or group lr (``lars_adaptation: False``), then the wrapped SGD step."""
+    decays = [g["weight_decay"] for g in sgd.param_groups]
+    for g in sgd.param_groups:
+        g["weight_decay"] = 0
+    with torch.no_grad():
+        for g, wd in zip(sgd.param_groups, decays):
+            for p in g["params"]:
+                if g["lars_adaptation"]:
+                    pn, gn = p.norm(), p.grad.norm()
+                    scale = pn / (gn + wd * pn + eps) * eta if pn > 0 and gn > 0 else 1.0
+                else:
+                    scale = g["lr"]
+                p.grad.add_(p.data, alpha=wd)
+                p.grad.mul_(scale)
+    sgd.step()
+    for g, wd in zip(sgd.param_groups, decays):
+        g["weight_decay"] = wd
+
+
+def test_scrl_switch_matches_custom_lars_reference():
+    """Three steps with a changing lr (warmup-like) agree with the official arithmetic."""
+    gen = torch.Generator().manual_seed(0)
+    w, b = torch.randn(6, 4, generator=gen, dtype=torch.float64), torch.randn(6, generator=gen, dtype=torch.float64)
+    ours = [nn.Parameter(w.clone()), nn.Parameter(b.clone())]
+    ref = [nn.Parameter(w.clone()), nn.Parameter(b.clone())]
+    eta, wd, eps = 1e-3, 1e-6, 1e-8
+    opt = LARS([{"params": [ours[0]], "weight_decay": wd},
+                {"params": [ours[1]], "weight_decay": 0.0, "lars_exclude": True, "grad_times_lr": True}],
+               lr=0.1, momentum=0.9, eta=eta, eps=eps)
+    sgd = torch.optim.SGD([{"params": [ref[0]], "lars_adaptation": True, "weight_decay": wd},
+                           {"params": [ref[1]], "lars_adaptation": False, "weight_decay": 0.0}], lr=0.1, momentum=0.9)
+    for lr in (0.5, 3.0, 14.4):
+        grads = [torch.randn(6, 4, generator=gen, dtype=torch.float64), torch.randn(6, generator=gen, dtype=torch.float64)]
+        for o in (opt, sgd):
+            for group in o.param_groups:
+                group["lr"] = lr
+        for p, r, g in zip(ours, ref, grads):
+            p.grad, r.grad = g.clone(), g.clone()
+        opt.step()
+        _custom_lars_reference(sgd, eta, eps)
+        for p, r in zip(ours, ref):
+            torch.testing.assert_close(p.detach(), r.detach(), rtol=1e-12, atol=1e-12)
+
+
+def _scrl_official_split():
+    """(shape, excluded) of every trained parameter of SCRL's own model under its name rule:
+    torchvision ResNet-50 children in an nn.Sequential (``encoder.<i>``), projector and predictor
+    ``TwoLayerLinearHead`` (``net = Sequential(Linear, BatchNorm1d, ReLU, Linear(bias=False))``)."""
+    from torchvision.models import resnet50
+
+    def head(d_in):
+        return nn.Sequential(nn.Linear(d_in, 4096), nn.BatchNorm1d(4096), nn.ReLU(), nn.Linear(4096, 256, bias=False))
+
+    online = nn.Module()
+    online.encoder = nn.Sequential(*list(resnet50().children())[:-1])
+    online.projector = nn.Module()
+    online.projector.net = head(2048)
+    predictor = nn.Module()
+    predictor.net = head(256)
+    named = list(online.named_parameters()) + list(predictor.named_parameters())
+    assert "encoder.1.weight" in dict(named) and "encoder.4.0.downsample.1.weight" in dict(named)
+    return sorted((tuple(p.shape), "bn" in n or "bias" in n) for n, p in named)
+
+
+def test_scrl_config_reproduces_official_exclusion_and_quirk():
+    """configs/scrl.yaml's name rule on Detectron2's names excludes exactly the parameters SCRL's
+    rule excludes on its torchvision model (same shapes, same split: the 48 block-BN weights and
+    every bias); the trainer's LARS gets the lr-squared switch on the excluded group only."""
+    from detectron2.modeling import build_model
+
+    from regionssl.engine import PretrainTrainer, get_regionssl_cfg
+
+    cfg = get_regionssl_cfg("configs/quick_schedules/scrl_instant_test.yaml", ["MODEL.DEVICE", "cpu"])
+    model = build_model(cfg)
+    opt = PretrainTrainer.build_optimizer(cfg, model)
+    excluded = {id(p) for g in opt.param_groups if g["lars_exclude"] for p in g["params"]}
+    ours = sorted((tuple(p.shape), id(p) in excluded) for g in opt.param_groups for p in g["params"])
+    assert ours == _scrl_official_split()
+    assert id(model.backbone.stem.conv1.norm.weight) not in excluded
+    assert id(model.backbone.res3[0].shortcut.norm.weight) not in excluded
+    assert id(model.backbone.res3[0].conv2.norm.weight) in excluded
+    assert [g.get("grad_times_lr", False) for g in opt.param_groups] == [False, True]
+    assert [g["weight_decay"] for g in opt.param_groups] == [cfg.SOLVER.WEIGHT_DECAY, 0.0]
+    block_bn_weights = [n for n, p in model.named_parameters() if id(p) in excluded and not n.endswith(".bias")]
+    assert len(block_bn_weights) == 48  # 16 bottlenecks x 3
+    # BYOL (DeepMind's rule) keeps the by-type exclusion and a plain SGD step for excluded params
+    byol = get_regionssl_cfg("configs/quick_schedules/byol_instant_test.yaml", ["MODEL.DEVICE", "cpu"])
+    assert byol.SOLVER.REGIONSSL.LARS_EXCLUDE_NAMES == "" and not byol.SOLVER.REGIONSSL.LARS_EXCLUDED_GRAD_TIMES_LR

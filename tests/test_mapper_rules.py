@@ -124,17 +124,19 @@ def _iou(a, b):
 
 
 def test_anchor_jitter_iou_above_half():
-    """The jittered box is a random anchor with IoU > 0.5; if none qualifies, the best anchor."""
+    """The jittered box is a random anchor with IoU > 0.5; if none qualifies, the best anchor
+    (uniform pick, no NMS, best-anchor fallback, centres at +0.5 stride: the non-official switches)."""
     np.random.seed(4)
-    kw = dict(stride=16, sizes=[32, 64, 128, 256], ratios=[0.5, 0.75, 1.0, 1.5, 2.0], iou_threshold=0.5)
-    key = ((256, 256), 16, (32, 64, 128, 256), (0.5, 0.75, 1.0, 1.5, 2.0))
+    grid = dict(stride=16, sizes=[32, 64, 128, 256], ratios=[0.5, 0.75, 1.0, 1.5, 2.0], offset=0.5)
+    kw = dict(grid, iou_threshold=0.5, nms_threshold=1.0, fallback_topk=1)
+    anchors = R.anchor_grid((256, 256), **grid)
     fallbacks = 0
     for _ in range(200):
         w, h = np.random.randint(20, 255, size=2)
         x0, y0 = np.random.randint(0, 256 - w + 1), np.random.randint(0, 256 - h + 1)
         box = np.array([x0, y0, x0 + w, y0 + h], dtype=np.float64)
         j = R.anchor_jitter(box, (256, 256), **kw)
-        best = float(_iou(box, R._ANCHOR_CACHE[key].tensor.double()).max())
+        best = float(_iou(box, anchors.double()).max())
         iou = float(_iou(box, j)[0, 0])
         if best > 0.5:
             assert iou > 0.5
@@ -146,6 +148,58 @@ def test_anchor_jitter_iou_above_half():
     box = np.array([60, 40, 200, 190], dtype=np.float64)
     picks = {tuple(R.anchor_jitter(box, (256, 256), **kw)) for _ in range(30)}
     assert len(picks) > 3
+
+
+def _pick_frequencies(box, anchors, n=2000, **kw):
+    np.random.seed(0)
+    counts = np.bincount([R.pick_jittered_anchor(box, anchors, **kw) for _ in range(n)], minlength=len(anchors))
+    return counts / n
+
+
+def test_anchor_jitter_official_nms_with_random_scores():
+    """InsLoc's rule: NMS 0.7 with random scores among anchors of IoU > 0.5, then a uniform survivor.
+    A1, A2 overlap with IoU 100/105 > 0.7 (one suppresses the other), A3 overlaps both by <= 0.7,
+    A4 is far: survivors are always {A3, A1 or A2}, so P(A3) = 1/2, P(A1) = P(A2) = 1/4, P(A4) = 0,
+    where a uniform draw over the candidates gives 1/3 each."""
+    box = np.array([0, 10, 100, 110], dtype=np.float64)
+    anchors = torch.tensor([[0, 0, 100, 100], [0, 0, 100, 105], [0, 25, 100, 125], [300, 300, 400, 400]], dtype=torch.float32)
+    iou = _iou(box, anchors.double())[0]
+    assert (iou[:3] > 0.5).all() and iou[3] == 0
+    assert float(_iou(anchors[0].double(), anchors[1].double())) > 0.7
+    assert float(_iou(anchors[2].double(), anchors[:2].double()).max()) <= 0.7
+    official = _pick_frequencies(box, anchors, iou_threshold=0.5, nms_threshold=0.7, fallback_topk=4000)
+    np.testing.assert_allclose(official, [0.25, 0.25, 0.5, 0.0], atol=0.04)  # 2000 draws: std <= 0.011
+    uniform = _pick_frequencies(box, anchors, iou_threshold=0.5, nms_threshold=1.0, fallback_topk=1)
+    np.testing.assert_allclose(uniform, [1 / 3, 1 / 3, 1 / 3, 0.0], atol=0.04)
+
+
+def test_anchor_jitter_fallback_top_k():
+    """No anchor above 0.5: the official rule draws among the top-k anchors by IoU (through the same
+    NMS), not only the best; fallback_topk 1 always gives the best anchor."""
+    box = np.array([0, 0, 100, 100], dtype=np.float64)
+    # IoU with the box: 0.4, 0.3, 0.1, 0.0; pairwise IoU among the first three <= 0.7
+    anchors = torch.tensor([[0, 0, 100, 40], [0, 70, 100, 100], [90, 0, 100, 100], [500, 500, 600, 600]], dtype=torch.float32)
+    np.testing.assert_allclose(_iou(box, anchors.double())[0].numpy(), [0.4, 0.3, 0.1, 0.0], atol=1e-6)
+    top2 = _pick_frequencies(box, anchors, n=400, iou_threshold=0.5, nms_threshold=0.7, fallback_topk=2)
+    assert top2[0] > 0.3 and top2[1] > 0.3 and top2[2] == top2[3] == 0
+    best = _pick_frequencies(box, anchors, n=50, iou_threshold=0.5, nms_threshold=0.7, fallback_topk=1)
+    assert best.tolist() == [1.0, 0.0, 0.0, 0.0]
+
+
+def test_insloc_anchor_grid_is_mmdet_with_center_offset_zero():
+    """configs/insloc_fpn.yaml: P4 anchors of a 256 canvas centred at 0, 16, ..., 240 (mmdet
+    AnchorGenerator, center_offset 0), 16 x 16 positions x 20 shapes; width = size / sqrt(h/w)."""
+    cfg = get_regionssl_cfg("configs/insloc_fpn.yaml", [])
+    j = cfg.INPUT.REGIONSSL.JITTER
+    assert (j.ANCHOR_OFFSET, j.NMS_THRESHOLD, j.FALLBACK_TOPK, j.IOU_THRESHOLD) == (0.0, 0.7, 4000, 0.5)
+    anchors = R.anchor_grid((256, 256), stride=j.ANCHOR_STRIDE, sizes=j.ANCHOR_SIZES, ratios=j.ANCHOR_RATIOS,
+                            offset=j.ANCHOR_OFFSET).double()
+    assert anchors.shape == (16 * 16 * 20, 4)
+    centres = (anchors[:, :2] + anchors[:, 2:]) / 2
+    assert sorted(set(centres[:, 0].round(decimals=3).tolist())) == [16.0 * k for k in range(16)]
+    wh = anchors[:, 2:] - anchors[:, :2]
+    expected = {(round(s / r ** 0.5, 4), round(s * r ** 0.5, 4)) for s in (32, 64, 128, 256) for r in (0.5, 0.75, 1.0, 1.5, 2.0)}
+    assert {(round(w, 2), round(h, 2)) for w, h in wh.tolist()} == {(round(w, 2), round(h, 2)) for w, h in expected}
 
 
 # ----------------------------------------------------------------------------- mapper contract

@@ -225,7 +225,7 @@ def test_registered_datasets(fake, tmp_path, monkeypatch):
         assert [d["image_id"] for d in dicts] == [im["image_id"] for im in expected] and dicts
         for d, im in zip(dicts, expected):
             assert d == {"file_name": str(tmp_path / "regionssl_photos" / im["file"]), "image_id": im["image_id"],
-                         "height": im["height"], "width": im["width"]}
+                         "height": im["height"], "width": im["width"], "group": im["group"]}
             assert Image.open(d["file_name"]).size == (d["width"], d["height"])
     os.remove(tmp_path / "regionssl_photos" / expected[0]["file"])
     with pytest.raises(FileNotFoundError, match=r"incomplete .*build it with `python tools/build_photo_pool\.py`"):

@@ -193,3 +193,110 @@ def test_augmentation_list_keeps_boxes():
     assert np.array_equal(aug_input.boxes, boxes)
     assert np.array_equal(tfms.apply_box(boxes), boxes)
     assert aug_input.image.dtype == np.uint8 and aug_input.image.shape == img.shape
+
+
+# ----------------------------------------------------------------------------- official variants
+def test_resize_blur_is_torchvision_resize_of_a_pil_image():
+    """SCRL's ResizeBlur = torchvision ``F.resize`` of a PIL image, bicubic, down then up (PIL
+    antialiases the downscale): equal pixel for pixel."""
+    from PIL import Image
+
+    img = _images()[0]
+    for factor in (1.1, 1.2, 1.5):
+        h, w = img.shape[:2]
+        pil = Image.fromarray(img)
+        down = TF.resize(pil, [int(h // factor), int(w // factor)], interpolation=TF.InterpolationMode.BICUBIC)
+        ref = np.asarray(TF.resize(down, [h, w], interpolation=TF.InterpolationMode.BICUBIC))
+        assert np.array_equal(P.ResizeBlurTransform(factor).apply_image(img), ref)
+
+
+def _f(pixels):
+    return np.asarray(pixels, dtype=np.float32).reshape(1, -1, 3) / np.float32(255.0)
+
+
+def _u8(x):
+    return np.rint(np.asarray(x) * 255.0).astype(np.int64).reshape(-1, 3).tolist()
+
+
+def test_deepmind_colour_ops_pinned():
+    """DeepMind BYOL's ops (byol/utils/augmentations.py) on fixed pixels, worked by hand:
+    brightness +0.2 = +51 levels, clipped; contrast 0.5 towards each channel's own mean
+    (R 150, G 50, B 100); saturation f scales S = (max - min) / max, keeping max, clipped at S = 1:
+    (200, 100, 50) has S = 0.75, f = 1.2 -> S = 0.9 -> (200, 80, 20); f = 2 -> S = 1 -> (200, 67, 0);
+    f = 0.5 -> (200, 150, 125); grey stays grey."""
+    assert _u8(P.deepmind_brightness(_f([[100, 230, 0]]), 0.2)) == [[151, 255, 51]]
+    assert _u8(P.deepmind_brightness(_f([[100, 230, 0]]), -0.2)) == [[49, 179, 0]]
+    two = _f([[200, 0, 50], [100, 100, 150]])
+    assert _u8(P.deepmind_contrast(two, 0.5)) == [[175, 25, 75], [125, 75, 125]]
+    px = _f([[200, 100, 50], [90, 90, 90]])
+    assert _u8(P.deepmind_saturation(px, 1.2)) == [[200, 80, 20], [90, 90, 90]]
+    assert _u8(P.deepmind_saturation(px, 2.0)) == [[200, 67, 0], [90, 90, 90]]
+    assert _u8(P.deepmind_saturation(px, 0.5)) == [[200, 150, 125], [90, 90, 90]]
+    # the torchvision semantics give other numbers on the same pixels (blend with luma / black)
+    assert P.adjust_saturation(np.uint8([[[200, 100, 50]]]), 1.2).tolist() == [[[215, 95, 35]]]
+    assert P.adjust_brightness(np.uint8([[[100, 230, 0]]]), 1.2).tolist() == [[[120, 255, 0]]]
+
+
+def test_deepmind_saturation_matches_hsv_round_trip():
+    """The closed form equals HSV (colorsys) -> S * f clipped to [0, 1] -> RGB, on random pixels."""
+    import colorsys
+
+    rng = np.random.default_rng(0)
+    x = rng.random((1, 400, 3), dtype=np.float32)
+    x[0, :20] = x[0, :20, :1]  # some grey pixels
+    for factor in (0.0, 0.6, 1.0, 1.3, 3.0):
+        ours = P.deepmind_saturation(x, factor)[0]
+        ref = []
+        for r, g, b in x[0].astype(np.float64):
+            h, s, v = colorsys.rgb_to_hsv(r, g, b)
+            ref.append(colorsys.hsv_to_rgb(h, min(max(s * factor, 0.0), 1.0), v))
+        np.testing.assert_allclose(ours, np.array(ref), atol=2e-6)
+
+
+def test_deepmind_jitter_transform_rounds_once():
+    """Contrast 0.5 then brightness +0.2 in float, one rounding at the end (levels are exact here)."""
+    img = np.uint8([[[200, 0, 50], [100, 100, 150]]])
+    t = P.ColorJitterTransform(brightness=0.2, contrast=0.5, order=(1, 0, 2, 3), semantics="deepmind")
+    assert t.apply_image(img).tolist() == [[[226, 76, 126], [176, 126, 176]]]
+    with pytest.raises(AssertionError):
+        P.ColorJitterTransform(semantics="pil")
+
+
+def test_deepmind_brightness_is_additive_in_distribution():
+    """On a dark image (level 20) DeepMind's brightness delta ~ U(-0.4, 0.4) reaches level 100 with
+    probability (0.4 - 80/255) / 0.8 = 0.108 and clips to 0 with probability (0.4 - 20/255) / 0.8
+    = 0.402; torchvision's factor ~ U(0.6, 1.4) keeps it within 12..28."""
+    img = np.full((4, 4, 3), 20, np.uint8)
+    np.random.seed(0)
+    for semantics, p100, p0 in (("deepmind", 0.108, 0.402), ("torchvision", 0.0, 0.0)):
+        aug = P.RandomColorJitter(0.4, 0.0, 0.0, 0.0, prob=1.0, semantics=semantics)
+        levels = np.array([aug.get_transform(img).apply_image(img)[0, 0, 0] for _ in range(2000)])
+        assert abs((levels >= 100).mean() - p100) < 0.03 and abs((levels == 0).mean() - p0) < 0.04
+        if semantics == "torchvision":
+            assert levels.min() >= 12 and levels.max() <= 28
+
+
+def test_configs_choose_official_photometric_variants(tmp_path):
+    """byol.yaml (and cvsa.yaml, stage 2 of BYOL) use DeepMind's colour ops; ReSim blurs first;
+    the others keep torchvision's jitter after which the blur comes."""
+    from PIL import Image
+
+    from regionssl.data import RegionSSLDatasetMapper
+    from regionssl.engine import get_regionssl_cfg
+
+    path = tmp_path / "a.png"
+    Image.fromarray(_images()[1]).save(path)
+    dicts = [{"file_name": str(path), "image_id": 0}]
+
+    def pipeline(config):
+        mapper = RegionSSLDatasetMapper(get_regionssl_cfg(config, []), dataset_dicts=dicts)
+        return mapper.photometric[0].augs
+
+    for config, semantics, blur_first in (("configs/byol.yaml", "deepmind", False), ("configs/cvsa.yaml", "deepmind", False),
+                                          ("configs/scrl.yaml", "torchvision", False), ("configs/resim_fpn.yaml", "torchvision", True),
+                                          ("configs/resim_c4.yaml", "torchvision", True), ("configs/mocov2.yaml", "torchvision", False)):
+        augs = pipeline(config)
+        jitter = next(a for a in augs if isinstance(a, P.RandomColorJitter))
+        assert jitter.semantics == semantics, config
+        blur = next(i for i, a in enumerate(augs) if isinstance(a, (P.RandomGaussianBlur, P.RandomResizeBlur)))
+        assert (blur < augs.index(jitter)) == blur_first, config

@@ -41,7 +41,7 @@ def mapped_batch(cfg, n, seed):
 def test_window_counts_official_sizes():
     p4 = SlidingWindows.grid(224, 224, 48, 32)
     p3 = SlidingWindows.grid(224, 224, 32, 24)
-    assert len(p4) == 36 and len(p3) == 64  # 6x6 and 8x8 (METHODS §6.2)
+    assert len(p4) == 36 and len(p3) == 64  # 6x6 and 8x8 (docs/methods/resim.md)
     assert p4[0].tolist() == [0, 0, 48, 48] and p4[-1].tolist() == [160, 160, 208, 208]
     assert p3[-1].tolist() == [168, 168, 200, 200]
 

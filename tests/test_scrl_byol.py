@@ -372,7 +372,7 @@ def test_trainer_uses_lars_without_the_target():
 
 
 def test_scrl_checkpoint_hands_the_trunk_to_a_detector(tmp_path):
-    """SCRL transfers the ResNet only (METHODS §1.2): every trunk tensor of the FPN detector, online copy."""
+    """SCRL transfers the ResNet only (docs/finetune_protocols.md): every trunk tensor of the FPN detector, online copy."""
     from regionssl.checkpoint import FormatTag, RegionSSLCheckpointer, to_trunk_relative
 
     model = build_model(_cfg("scrl_instant_test.yaml"))

@@ -6,7 +6,7 @@ Only needed outside regionssl: our own ``train_net.py`` takes ``model_final.pth`
 ``stem.*``/``res2..res5.*`` (Detectron2's name matching puts them under ``backbone.bottom_up``
 for FPN and ``roi_heads.res5`` for C4), plus ``backbone.fpn_*`` and ``roi_heads.box_head.*``
 when the method pretrains them. Saved as numpy arrays with ``matching_heuristics: True``
-(METHODS.md §1.11: the safe route with torch.load's weights_only default).
+(docs/finetune_protocols.md: the safe route with torch.load's weights_only default).
 
     python tools/convert_to_detectron2.py output/insloc_fpn/model_final.pth insloc_fpn.pkl
 """

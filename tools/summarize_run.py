@@ -84,6 +84,10 @@ def main(argv=None):
     if accs:
         # contrastive top-1 accuracy among 1 positive + K queue negatives (chance = 1 / (K + 1))
         print("              contrastive top-1 accuracy (last step; chance = 1/(1+K) with K queued keys): " + ", ".join(f"{k}={v:.2f}" for k, v in sorted(accs.items())))
+    skipped = pre.get("regionssl/skipped_images")
+    if skipped is not None:
+        names = os.path.join(args.pretrain, "skipped_images.txt")
+        print(f"skipped     : {int(skipped)} unreadable image files" + (f" (names: {names})" if skipped else ""))
     paths = [pre_path]
     if args.finetune:
         fin, fin_path = last_metrics(args.finetune)

@@ -37,6 +37,7 @@ __all__ = [
     "decode_or_none",
     "ImageFile",
     "UnreadableImageError",
+    "SkippedFiles",
     "MIN_IMAGE_SIDE",
 ]
 
@@ -121,6 +122,52 @@ def _to_rgb(image):
 class UnreadableImageError(Exception):
     """The file's header was readable but its pixel data is not (corrupt or truncated)."""
 
+    def __init__(self, file_name, reason):
+        super().__init__(f"{file_name}: {reason}")
+        self.file_name, self.reason = file_name, reason
+
+
+class SkippedFiles:
+    """The unreadable files one process met (one data-loader worker has its own copy).
+
+    Each file is warned about once per use (as the sample itself, or as a background drawn by a
+    compositing view generator), however often the sampler returns to it (every epoch);
+    :meth:`take_new` hands the names not yet handed out to the mapper's output, which carries
+    them to the main process, where the trainer counts distinct files over all workers.
+
+    Attributes:
+        reasons (dict): file name -> why it was skipped, for every file skipped so far.
+    """
+
+    def __init__(self):
+        self.reasons, self._warned, self._new = {}, set(), []
+
+    def report(self, file_name, reason, use=""):
+        """Record ``file_name`` as unusable; warn unless it was already reported for ``use``."""
+        if (file_name, use) not in self._warned:
+            self._warned.add((file_name, use))
+            where = f" (drawn as {use})" if use else ""
+            logger.warning(f"Skipping {file_name}{where}: {reason} (said once per file; the run counts skipped files)")
+        if file_name not in self.reasons:
+            self.reasons[file_name] = reason
+            self._new.append(file_name)
+
+    def take_new(self):
+        """Names skipped since the previous call (list of str)."""
+        new, self._new = self._new, []
+        return new
+
+    def __len__(self):
+        return len(self.reasons)
+
+
+def _skip(skipped, file_name, reason, use=""):
+    """Warn about an unusable file: once per file and use through ``skipped``, or every time without it."""
+    if skipped is None:
+        logger.warning(f"Skipping {file_name}: {reason}")
+    else:
+        skipped.report(file_name, reason, use)
+
 
 class ImageFile:
     """An image file whose header has been read; pixels are decoded on demand.
@@ -150,7 +197,7 @@ class ImageFile:
         try:
             return self._decode(self.max_decode_reduction(reduction))
         except Exception as e:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, ...
-            raise UnreadableImageError(f"{self.file_name}: {type(e).__name__}: {e}") from e
+            raise UnreadableImageError(self.file_name, f"unreadable image, {type(e).__name__}: {e}") from e
 
     def _decode(self, r):
         with warnings.catch_warnings():
@@ -181,38 +228,40 @@ def image_file_from_bytes(file_name, data):
         return ImageFile(file_name, data, image.size, orientation, image.format)
 
 
-def open_image_or_none(file_name):
+def open_image_or_none(file_name, skipped=None, use=""):
     """Read ``file_name``'s bytes and header; an :class:`ImageFile`, or None with a warning naming
-    the file if it is not an image or is smaller than ``MIN_IMAGE_SIDE`` (after EXIF rotation)."""
+    the file if it is not an image or is smaller than ``MIN_IMAGE_SIDE`` (after EXIF rotation).
+    With a :class:`SkippedFiles` ``skipped``, the warning comes once per file and ``use`` and the
+    file is counted."""
     try:
         with PathManager.open(file_name, "rb") as f:
             item = image_file_from_bytes(file_name, f.read())
     except Exception as e:  # noqa: BLE001 - any reader error means "skip this file"
-        logger.warning(f"Skipping unreadable image {file_name}: {type(e).__name__}: {e}")
+        _skip(skipped, file_name, f"unreadable image, {type(e).__name__}: {e}", use)
         return None
     if min(item.height, item.width) < MIN_IMAGE_SIDE:
-        logger.warning(f"Skipping image {file_name}: size {item.width}x{item.height} is below {MIN_IMAGE_SIDE} px")
+        _skip(skipped, file_name, f"image size {item.width}x{item.height} is below {MIN_IMAGE_SIDE} px", use)
         return None
     return item
 
 
-def decode_or_none(image_file, reduction=1):
+def decode_or_none(image_file, reduction=1, skipped=None, use=""):
     """:meth:`ImageFile.decode`, or None with a warning naming the file (corrupt/truncated data)."""
     try:
         return image_file.decode(reduction)
     except UnreadableImageError as e:
-        logger.warning(f"Skipping unreadable image {e}")
+        _skip(skipped, e.file_name, e.reason, use)
         return None
 
 
-def read_rgb_or_none(file_name):
+def read_rgb_or_none(file_name, skipped=None, use=""):
     """Decode ``file_name`` to (H, W, 3) uint8 RGB, honouring EXIF orientation.
 
     Grayscale, CMYK, palette and RGBA images are converted to RGB (Detectron2's ``read_image``),
     16-bit grayscale scaled to 8 bits. A file that cannot be decoded (corrupt, truncated, not an
-    image) or is smaller than ``MIN_IMAGE_SIDE`` gives a warning naming the file and returns None,
-    so the loader skips it.
+    image) or is smaller than ``MIN_IMAGE_SIDE`` gives a warning naming the file (once per file
+    with a :class:`SkippedFiles`) and returns None, so the loader skips it.
     """
-    item = open_image_or_none(file_name)
-    decoded = decode_or_none(item) if item is not None else None
+    item = open_image_or_none(file_name, skipped, use)
+    decoded = decode_or_none(item, skipped=skipped, use=use) if item is not None else None
     return None if decoded is None else decoded.array()

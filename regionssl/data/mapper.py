@@ -1,6 +1,6 @@
 """The pretraining dataset mapper: one dataset dict -> one dict of views and aligned boxes.
 
-Output (DESIGN.md §3), for V views and R regions:
+Output (the contract, docs/design.md), for V views and R regions:
 
 * ``"views"``: list of V uint8 tensors (3, H_v, W_v), RGB.
 * ``"boxes"``: list of V float32 tensors (R, 4), XYXY in each view's pixels; row i of every view
@@ -10,10 +10,14 @@ Output (DESIGN.md §3), for V views and R regions:
 * ``"jittered_boxes"``: (R, 4) float32, InsLoc's anchor-jittered query (view 0) boxes, if enabled.
 * ``"masks"``: list of V float32 tensors (H_v, W_v), saliency masks, if the generator makes them.
 * ``"height"``, ``"width"`` (original image), ``"image_id"``, ``"file_name"``.
+* ``"skipped_files"``: list of the unreadable files this mapper copy (one per loader worker) met
+  since its previous output, usually empty; the trainer counts them (``regionssl/skipped_images``).
 
 Bad images (corrupt, unreadable, tiny) and pairs that yield no valid region after
 ``MAX_RESAMPLE`` re-draws return None with a warning naming the file; Detectron2's
 ``MapDataset`` then draws another image, so the training loop never dies on one bad file.
+An unreadable file is warned about once per worker process (:class:`SkippedFiles`), not at every
+epoch.
 
 Decoding is lazy: the built-in view generators draw their crops from the image size (read from
 the file header), then the image is decoded once at the coarsest JPEG scale 1/r (r in 1, 2, 4, 8)
@@ -29,7 +33,7 @@ import torch
 from detectron2.config import configurable
 from detectron2.data import transforms as T
 
-from .datasets import UnreadableImageError, decode_or_none, open_image_or_none, read_rgb_or_none
+from .datasets import SkippedFiles, UnreadableImageError, decode_or_none, open_image_or_none, read_rgb_or_none
 from .photometric import build_photometric_augmentations
 from .regions import anchor_jitter, build_region_sampler
 from .views import build_view_generator, max_reduction
@@ -45,10 +49,11 @@ _INSIDE_TOL = 1e-3
 class BackgroundSource:
     """Random images of the dataset, used as backgrounds by compositing view generators."""
 
-    def __init__(self, file_names, max_tries=10, draft=True):
+    def __init__(self, file_names, max_tries=10, draft=True, skipped=None):
         if not file_names:
             raise ValueError("BackgroundSource needs at least one image")
         self.file_names, self.max_tries, self.draft = list(file_names), max_tries, draft
+        self.skipped = skipped  # SkippedFiles shared with the mapper: unreadable backgrounds count too
 
     def __call__(self):
         return self.sample()[0]
@@ -57,7 +62,7 @@ class BackgroundSource:
         """(image, file_name) of a random readable image (SaliencySwap needs the name for mask files)."""
         for _ in range(self.max_tries):
             file_name = random.choice(self.file_names)
-            image = read_rgb_or_none(file_name)
+            image = read_rgb_or_none(file_name, self.skipped, "a background")
             if image is not None:
                 return image, file_name
         raise RuntimeError(f"No readable background image after {self.max_tries} tries")
@@ -66,10 +71,11 @@ class BackgroundSource:
         """A random readable image resized to (out_h, out_w, 3) uint8 (aspect not kept, as InsLoc's
         ``mmcv.imresize``); large JPEGs are decoded at the coarsest scale still >= the output."""
         for _ in range(self.max_tries):
-            item = open_image_or_none(random.choice(self.file_names))
+            item = open_image_or_none(random.choice(self.file_names), self.skipped, "a background")
             if item is None:
                 continue
-            decoded = decode_or_none(item, min(item.width / out_w, item.height / out_h) if self.draft else 1)
+            reduction = min(item.width / out_w, item.height / out_h) if self.draft else 1
+            decoded = decode_or_none(item, reduction, self.skipped, "a background")
             if decoded is not None:
                 return decoded.resized_crop((0, 0, item.width, item.height), out_w, out_h, interp)
         raise RuntimeError(f"No readable background image after {self.max_tries} tries")
@@ -80,19 +86,22 @@ class RegionSSLDatasetMapper:
     photometric augmentations (``photometric[v]``, last list repeats for extra views)."""
 
     @configurable
-    def __init__(self, *, view_generator, region_sampler, photometric, max_resample=10, jitter=None, jpeg_draft=True):
+    def __init__(self, *, view_generator, region_sampler, photometric, max_resample=10, jitter=None, jpeg_draft=True,
+                 skipped=None):
         self.view_generator = view_generator
         self.region_sampler = region_sampler
         self.photometric = [T.AugmentationList(augs) for augs in photometric]
         self.max_resample = max_resample
         self.jitter = jitter
         self.jpeg_draft = jpeg_draft
+        self.skipped = SkippedFiles() if skipped is None else skipped
 
     @classmethod
     def from_config(cls, cfg, dataset_dicts=None):
         c = cfg.INPUT.REGIONSSL
         files = [d["file_name"] for d in dataset_dicts or []]
-        background = BackgroundSource(files, draft=c.JPEG_DRAFT) if files else None
+        skipped = SkippedFiles()
+        background = BackgroundSource(files, draft=c.JPEG_DRAFT, skipped=skipped) if files else None
         p = c.PHOTOMETRIC
         n = max(len(p.BLUR_PROB), len(p.SOLARIZE_PROB))
         photometric = []
@@ -109,13 +118,17 @@ class RegionSSLDatasetMapper:
                     blur_sigma=tuple(p.BLUR_SIGMA),
                     blur_type=p.BLUR_TYPE,
                     solarize_prob=p.SOLARIZE_PROB[min(v, len(p.SOLARIZE_PROB) - 1)],
+                    jitter_semantics=p.COLOR_JITTER_SEMANTICS,
+                    blur_first=p.BLUR_FIRST,
                 )
             )
         jitter = None
         if c.JITTER.ENABLED:
             j = c.JITTER
             jitter = dict(
-                stride=j.ANCHOR_STRIDE, sizes=list(j.ANCHOR_SIZES), ratios=list(j.ANCHOR_RATIOS), iou_threshold=j.IOU_THRESHOLD
+                stride=j.ANCHOR_STRIDE, sizes=list(j.ANCHOR_SIZES), ratios=list(j.ANCHOR_RATIOS),
+                iou_threshold=j.IOU_THRESHOLD, offset=j.ANCHOR_OFFSET, nms_threshold=j.NMS_THRESHOLD,
+                fallback_topk=j.FALLBACK_TOPK,
             )
         return {
             "view_generator": build_view_generator(cfg, background_source=background),
@@ -124,6 +137,7 @@ class RegionSSLDatasetMapper:
             "max_resample": c.MAX_RESAMPLE,
             "jitter": jitter,
             "jpeg_draft": c.JPEG_DRAFT,
+            "skipped": skipped,
         }
 
     def _make_views(self, image, file_name, decoded):
@@ -173,13 +187,13 @@ class RegionSSLDatasetMapper:
     def __call__(self, dataset_dict):
         dataset_dict = copy.copy(dataset_dict)
         file_name = dataset_dict["file_name"]
-        image = open_image_or_none(file_name)  # header only; warns and gives None if unreadable
+        image = open_image_or_none(file_name, self.skipped)  # header only; None if unreadable
         if image is None:
             return None
         try:
             drawn = self._views_and_regions(image, file_name)
         except UnreadableImageError as e:  # header fine, pixel data corrupt or truncated
-            logger.warning(f"Skipping unreadable image {e}")
+            self.skipped.report(e.file_name, e.reason)
             return None
         if drawn is None:
             logger.warning(
@@ -197,6 +211,7 @@ class RegionSSLDatasetMapper:
             "boxes": [torch.as_tensor(b, dtype=torch.float32).reshape(-1, 4) for b in boxes],
             "valid": torch.as_tensor(valid),
             "box_groups": torch.as_tensor(regions.groups, dtype=torch.int64),
+            "skipped_files": self.skipped.take_new(),
         }
         for v, view in enumerate(views):
             aug = self.photometric[min(v, len(self.photometric) - 1)]

@@ -53,7 +53,8 @@ def load_photo_pool(split, root=None):
         path = os.path.join(root, im["file"])
         if not os.path.isfile(path):
             raise FileNotFoundError(f"The photo pool at {root} is incomplete ({path} is missing): {hint}.")
-        dicts.append({"file_name": path, "image_id": im["image_id"], "height": im["height"], "width": im["width"]})
+        dicts.append({"file_name": path, "image_id": im["image_id"], "height": im["height"], "width": im["width"],
+                      "group": im["group"]})
     return dicts
 
 

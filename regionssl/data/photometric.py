@@ -9,6 +9,12 @@ grayscale weights 0.2989/0.587/0.114) but round to nearest where torchvision tru
 results agree within 1-2 intensity levels. Brightness, contrast and solarize are uint8 lookup
 tables; only the hue rotation goes through float32.
 
+``semantics="deepmind"`` gives the colour jitter of DeepMind's BYOL instead
+(google-deepmind/deepmind-research ``byol/utils/augmentations.py``, docs/methods/byol.md), on
+float32 images in [0, 1], clipped after every op and rounded once at the end: brightness *adds*
+a delta ~ U(-b, b); contrast blends each channel with its *own* mean; saturation scales the HSV
+saturation by f ~ U(1 - s, 1 + s), clipped to [0, 1] (value and hue kept); hue as torchvision.
+
 Augmentations draw their randomness from ``np.random`` (seeded per data-loader worker by Detectron2)
 and return ``NoOpTransform`` when their probability test fails. Detectron2's own ``ColorTransform``
 wraps an opaque callable; the transforms below keep their drawn factors as attributes instead, so
@@ -17,13 +23,17 @@ wraps an opaque callable; the transforms below keep their drawn factors as attri
 import cv2
 import numpy as np
 from detectron2.data.transforms import Augmentation, NoOpTransform, Transform
+from PIL import Image
 
 __all__ = [
     "ColorJitterTransform", "GrayscaleTransform", "GaussianBlurTransform", "ResizeBlurTransform",
     "SolarizeTransform", "RandomColorJitter", "RandomGrayscale", "RandomGaussianBlur",
     "RandomResizeBlur", "RandomSolarize", "build_photometric_augmentations", "adjust_brightness",
-    "adjust_contrast", "adjust_saturation", "adjust_hue",
+    "adjust_contrast", "adjust_saturation", "adjust_hue", "JITTER_SEMANTICS", "deepmind_brightness",
+    "deepmind_contrast", "deepmind_saturation", "deepmind_hue",
 ]
+
+JITTER_SEMANTICS = ("torchvision", "deepmind")
 
 _GRAY_WEIGHTS = np.array([[0.2989, 0.587, 0.114]], dtype=np.float32)  # torchvision's (R, G, B)
 
@@ -66,10 +76,40 @@ def adjust_saturation(img, factor):
 
 def adjust_hue(img, factor):
     """Rotate the hue by ``factor`` turns (in [-0.5, 0.5]), keeping saturation and value."""
-    hsv = cv2.cvtColor(img.astype(np.float32) * (1.0 / 255.0), cv2.COLOR_RGB2HSV)  # H in degrees
-    hsv[..., 0] = np.mod(hsv[..., 0] + 360.0 * factor, 360.0)
-    rgb = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
+    rgb = deepmind_hue(img.astype(np.float32) * (1.0 / 255.0), factor)
     return np.clip(rgb * 255.0 + 0.5, 0, 255).astype(np.uint8)
+
+
+# DeepMind BYOL's colour ops, on float32 (H, W, 3) RGB in [0, 1]; each result is clipped to [0, 1].
+def deepmind_brightness(x, delta):
+    """``x + delta`` (additive, unlike torchvision's ``factor * x``)."""
+    return np.clip(x + np.float32(delta), 0.0, 1.0)
+
+
+def deepmind_contrast(x, factor):
+    """``factor * (x - m_c) + m_c`` with m_c the mean of channel c (torchvision: the luma mean)."""
+    mean = x.mean(axis=(0, 1), keepdims=True) if x.size else np.zeros((1, 1, 3), np.float32)
+    return np.clip(factor * (x - mean) + mean, 0.0, 1.0)
+
+
+def deepmind_saturation(x, factor):
+    """HSV saturation S -> clip(factor * S, 0, 1), hue and value V kept (torchvision: blend with luma).
+
+    Without the HSV round trip: with V = max_c x and S = (V - min_c x) / V, every channel is
+    V (1 - S w_c) with w_c depending on the hue only, so the new channel is
+    ``V - (V - x_c) * S' / S`` with ``S' / S = min(factor, 1 / S)``; grey pixels (S = 0) stay.
+    """
+    v = x.max(axis=2, keepdims=True)
+    spread = v - x.min(axis=2, keepdims=True)  # V * S
+    ratio = np.where(spread > 0, np.minimum(np.float32(factor), v / np.maximum(spread, 1e-12)), 1.0)
+    return np.clip(v - (v - x) * ratio, 0.0, 1.0)
+
+
+def deepmind_hue(x, delta):
+    """HSV hue H -> (H + delta) mod 1 turn (the same rotation as torchvision's ``adjust_hue``)."""
+    hsv = cv2.cvtColor(np.ascontiguousarray(x, dtype=np.float32), cv2.COLOR_RGB2HSV)  # H in degrees
+    hsv[..., 0] = np.mod(hsv[..., 0] + 360.0 * delta, 360.0)
+    return np.clip(cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB), 0.0, 1.0)
 
 
 class _PixelTransform(Transform):
@@ -90,20 +130,31 @@ class _PixelTransform(Transform):
 
 class ColorJitterTransform(_PixelTransform):
     """Brightness/contrast/saturation/hue with fixed factors (None = skip), applied in ``order``
-    (a permutation of 0..3 = brightness, contrast, saturation, hue), as torchvision ColorJitter."""
+    (a permutation of 0..3 = brightness, contrast, saturation, hue), as torchvision ColorJitter.
+
+    ``semantics="deepmind"``: DeepMind BYOL's ops (module docstring); ``brightness`` is then the
+    additive delta in [0, 1] units, the others are factors (hue: turns) as before.
+    """
 
     def __init__(self, brightness=None, contrast=None, saturation=None, hue=None,
-                 order=(0, 1, 2, 3)):
+                 order=(0, 1, 2, 3), semantics="torchvision"):
         super().__init__()
+        assert semantics in JITTER_SEMANTICS, f"unknown colour jitter semantics {semantics!r}"
         self._set_attributes(locals())
 
     def apply_image(self, img):
         _check(img)
-        ops = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
         factors = (self.brightness, self.contrast, self.saturation, self.hue)
+        if self.semantics == "deepmind":
+            ops = (deepmind_brightness, deepmind_contrast, deepmind_saturation, deepmind_hue)
+            img = img.astype(np.float32) * np.float32(1.0 / 255.0)
+        else:
+            ops = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
         for i in self.order:
             if factors[i] is not None:
                 img = ops[i](img, factors[i])
+        if self.semantics == "deepmind":  # one rounding at the end; DeepMind stays in float
+            img = np.clip(np.rint(img * 255.0), 0, 255).astype(np.uint8)
         return img
 
 
@@ -133,8 +184,9 @@ class GaussianBlurTransform(_PixelTransform):
 
 
 class ResizeBlurTransform(_PixelTransform):
-    """SCRL's ``ResizeBlur``: downscale by ``factor`` (size ``int(side // factor)``), then upscale
-    back, both bicubic (cv2's bicubic, which unlike PIL's does not antialias the downscale)."""
+    """SCRL's ``ResizeBlur`` (kakaobrain/scrl ``augment/gaussian_blur.py``): downscale by ``factor``
+    (size ``int(side // factor)``), then upscale back, both PIL bicubic as torchvision's ``resize``
+    of a PIL image does, so the downscale is antialiased (OpenCV's bicubic would not be)."""
 
     def __init__(self, factor):
         super().__init__()
@@ -143,9 +195,9 @@ class ResizeBlurTransform(_PixelTransform):
     def apply_image(self, img):
         _check(img)
         h, w = img.shape[:2]
-        small = (max(1, int(w // self.factor)), max(1, int(h // self.factor)))  # cv2 takes (w, h)
-        img = cv2.resize(img, small, interpolation=cv2.INTER_CUBIC)
-        return cv2.resize(img, (w, h), interpolation=cv2.INTER_CUBIC)
+        small = (max(1, int(w // self.factor)), max(1, int(h // self.factor)))  # PIL takes (w, h)
+        down = Image.fromarray(img).resize(small, Image.BICUBIC)
+        return np.asarray(down.resize((w, h), Image.BICUBIC))
 
 
 class SolarizeTransform(_PixelTransform):
@@ -164,11 +216,16 @@ class RandomColorJitter(Augmentation):
     """With probability ``prob``, torchvision-style ColorJitter: factors for brightness, contrast,
     saturation ~ U(max(0, 1 - s), 1 + s), hue ~ U(-h, h); ops in a random order; a strength of 0
     disables its op. MoCo-v2/InsLoc/ReSim: (0.4, 0.4, 0.4, 0.1) p=0.8; BYOL/SCRL: (0.4, 0.4, 0.2,
-    0.1) p=0.8; SwAV: (0.8, 0.8, 0.8, 0.2) p=0.8."""
+    0.1) p=0.8; SwAV: (0.8, 0.8, 0.8, 0.2) p=0.8.
 
-    def __init__(self, brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1, prob=0.8):
+    ``semantics="deepmind"`` (BYOL): the brightness delta ~ U(-b, b) is additive; the other draws
+    are the same, with DeepMind's ops (see :class:`ColorJitterTransform`).
+    """
+
+    def __init__(self, brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1, prob=0.8, semantics="torchvision"):
         super().__init__()
         assert 0 <= hue <= 0.5, "hue strength must be in [0, 0.5]"
+        assert semantics in JITTER_SEMANTICS, f"unknown colour jitter semantics {semantics!r}"
         self._init(locals())
 
     def _factor(self, strength):
@@ -181,9 +238,12 @@ class RandomColorJitter(Augmentation):
             return NoOpTransform()
         order = tuple(int(i) for i in np.random.permutation(4))
         hue = None if self.hue == 0 else float(np.random.uniform(-self.hue, self.hue))
+        if self.semantics == "deepmind":
+            brightness = None if self.brightness == 0 else float(np.random.uniform(-self.brightness, self.brightness))
+        else:
+            brightness = self._factor(self.brightness)
         return ColorJitterTransform(
-            self._factor(self.brightness), self._factor(self.contrast),
-            self._factor(self.saturation), hue, order,
+            brightness, self._factor(self.contrast), self._factor(self.saturation), hue, order, self.semantics,
         )
 
 
@@ -236,10 +296,12 @@ class RandomSolarize(Augmentation):
 
 def build_photometric_augmentations(
     jitter=(0.4, 0.4, 0.4, 0.1), jitter_prob=0.8, grayscale_prob=0.2, blur_prob=0.5,
-    blur_sigma=(0.1, 2.0), blur_type="gaussian", solarize_prob=0.0,
+    blur_sigma=(0.1, 2.0), blur_type="gaussian", solarize_prob=0.0, jitter_semantics="torchvision",
+    blur_first=False,
 ):
     """Photometric pipeline of one view in MoCo-v2/BYOL order: colour jitter (p), grayscale, blur,
-    solarize. ReSim's order differs (blur first, then jitter and grayscale; METHODS.md §6.1).
+    solarize; with ``blur_first`` ReSim's order (blur, then jitter and grayscale; Tete-Xiao/ReSim
+    ``main_moco.py``).
 
     Args:
         jitter: (brightness, contrast, saturation, hue) strengths.
@@ -247,21 +309,24 @@ def build_photometric_augmentations(
             probability 0 are left out of the list.
         blur_sigma: Gaussian sigma range in pixels.
         blur_type: "gaussian" (MoCo/BYOL) or "resize" (SCRL's ResizeBlur, factors 1.1/1.2/1.5).
+        jitter_semantics: "torchvision" or "deepmind" (BYOL's colour ops, see the module docstring).
+        blur_first: put the blur before the colour jitter (ReSim).
 
     Returns:
         list[Augmentation], for ``T.AugmentationList``.
     """
     assert blur_type in ("gaussian", "resize"), f"unknown blur_type {blur_type!r}"
-    augs = []
+    colour, blur = [], []
     if jitter_prob > 0 and any(s > 0 for s in jitter):
-        augs.append(RandomColorJitter(*jitter, prob=jitter_prob))
+        colour.append(RandomColorJitter(*jitter, prob=jitter_prob, semantics=jitter_semantics))
     if grayscale_prob > 0:
-        augs.append(RandomGrayscale(grayscale_prob))
+        colour.append(RandomGrayscale(grayscale_prob))
     if blur_prob > 0:
         if blur_type == "gaussian":
-            augs.append(RandomGaussianBlur(tuple(blur_sigma), blur_prob))
+            blur.append(RandomGaussianBlur(tuple(blur_sigma), blur_prob))
         else:
-            augs.append(RandomResizeBlur(prob=blur_prob))
+            blur.append(RandomResizeBlur(prob=blur_prob))
+    augs = blur + colour if blur_first else colour + blur
     if solarize_prob > 0:
         augs.append(RandomSolarize(128, solarize_prob))
     return augs

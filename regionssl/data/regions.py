@@ -8,10 +8,10 @@ Registered samplers (``INPUT.REGIONSSL.REGION_SAMPLER``):
 
 * ``WholeView``         each view's full extent (global methods; rows are *not* the same pixels).
 * ``PastedBox``         the foreground crop of a CopyPaste view pair (InsLoc).
-* ``IntersectionBoxes`` SCRL's random boxes inside the views' intersection (METHODS §2.2).
-* ``SlidingWindows``    ReSim's windows laid on the query view (view 0) (METHODS §6.2).
+* ``IntersectionBoxes`` SCRL's random boxes inside the views' intersection (docs/methods/scrl.md).
+* ``SlidingWindows``    ReSim's windows laid on the query view (view 0) (docs/methods/resim.md).
 
-Also :func:`anchor_jitter`, InsLoc's box augmentation for the query view.
+Also :func:`anchor_jitter`, InsLoc's box augmentation for the query view (docs/methods/insloc.md).
 """
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
@@ -22,8 +22,14 @@ from detectron2.config import configurable
 from detectron2.modeling.anchor_generator import DefaultAnchorGenerator
 from detectron2.structures import Boxes, pairwise_iou
 from detectron2.utils.registry import Registry
+from torchvision.ops import nms
 
-__all__ = ["RegionSet", "REGION_SAMPLER_REGISTRY", "build_region_sampler", "anchor_jitter", "box_iou_np"]
+from ..config import per_level
+
+__all__ = [
+    "RegionSet", "REGION_SAMPLER_REGISTRY", "build_region_sampler", "anchor_grid", "pick_jittered_anchor",
+    "anchor_jitter", "box_iou_np",
+]
 
 REGION_SAMPLER_REGISTRY = Registry("REGIONSSL_REGION_SAMPLER")
 REGION_SAMPLER_REGISTRY.__doc__ = "Picks regions matched across views; see regionssl/data/regions.py."
@@ -105,7 +111,7 @@ class PastedBox:
 
 @REGION_SAMPLER_REGISTRY.register()
 class IntersectionBoxes:
-    """SCRL's boxes in the intersection of views 0 and 1 (METHODS §2.2, post-fix official code).
+    """SCRL's boxes in the intersection of views 0 and 1 (docs/methods/scrl.md; official code after its box fixes).
 
     In original coordinates the intersection is ``[l, r] x [t, b]``; measured at the coarser
     view's magnification ``s = min(S/w_0, S/w_1)`` (per axis) it is ``W x H`` px. If ``W`` or ``H``
@@ -173,15 +179,15 @@ class IntersectionBoxes:
 
 @REGION_SAMPLER_REGISTRY.register()
 class SlidingWindows:
-    """ReSim's windows (METHODS §6.2): for each group g, windows of side ``sizes[g]`` every
+    """ReSim's windows (docs/methods/resim.md): for each group g, windows of side ``sizes[g]`` every
     ``strides[g]`` px on the query view (view 0), kept while ``x0 + size < S`` (36 windows of 48/32
     and 64 of 32/24 on a 224 view), mapped to the original image with the query's inverse
     transform. The mapper marks a window invalid unless it lies fully inside the key view."""
 
     @configurable
     def __init__(self, *, sizes, strides):
-        assert len(sizes) == len(strides)
-        self.sizes, self.strides = list(sizes), list(strides)
+        self.sizes = list(sizes)
+        self.strides = per_level("INPUT.REGIONSSL.WINDOWS.STRIDES", strides, self.sizes, "INPUT.REGIONSSL.WINDOWS.SIZES")
 
     @classmethod
     def from_config(cls, cfg):
@@ -210,27 +216,51 @@ class SlidingWindows:
 _ANCHOR_CACHE = {}
 
 
-def anchor_jitter(box, view_hw, *, stride, sizes, ratios, iou_threshold):
-    """InsLoc's box augmentation: a random anchor with IoU > ``iou_threshold`` to ``box``.
+def anchor_grid(view_hw, *, stride, sizes, ratios, offset):
+    """(A, 4) XYXY anchors of Detectron2's ``DefaultAnchorGenerator`` on one grid of ``stride`` px
+    over a view of size ``view_hw``: centres at ``(offset + k) * stride``, every size x ratio (h/w).
+    InsLoc's mmdet ``AnchorGenerator`` has ``center_offset=0``: centres at 0, 16, 32, ... Cached."""
+    key = (tuple(view_hw), stride, tuple(sizes), tuple(ratios), offset)
+    if key not in _ANCHOR_CACHE:
+        gen = DefaultAnchorGenerator(sizes=[list(sizes)], aspect_ratios=[list(ratios)], strides=[stride], offset=offset)
+        grid = [(int(np.ceil(view_hw[0] / stride)), int(np.ceil(view_hw[1] / stride)))]
+        _ANCHOR_CACHE[key] = gen._grid_anchors(grid)[0]
+    return _ANCHOR_CACHE[key]
 
-    Anchors come from Detectron2's ``DefaultAnchorGenerator`` on one grid of ``stride`` px over a
-    view of size ``view_hw``. If no anchor qualifies, the best-IoU anchor is used (the official
-    code falls back to the top anchors by IoU).
+
+def pick_jittered_anchor(box, anchors, *, iou_threshold, nms_threshold, fallback_topk):
+    """Index of the anchor InsLoc's box augmentation draws for ``box`` (XYXY, (4,)).
+
+    Official rule (``AnchorAugHead.get_fixed_bboxes`` + ``InsLocFPN.get_stage2_bboxes``):
+    candidates = anchors with IoU > ``iou_threshold`` to the box, or, if there is none, the
+    ``fallback_topk`` anchors of highest IoU; NMS at ``nms_threshold`` with uniformly random scores
+    (a random maximal set of candidates overlapping each other by at most that IoU); one survivor
+    drawn uniformly. So a crowd of near-identical anchors is as likely as one isolated anchor.
+    ``nms_threshold >= 1`` suppresses nothing (uniform over the candidates) and ``fallback_topk
+    = 1`` takes the best anchor when none qualifies. Scores come from ``np.random``, as every
+    other draw of the mapper (seeded per data-loader worker).
+    """
+    iou = pairwise_iou(Boxes(torch.as_tensor(np.asarray(box, dtype=np.float32)[None])), Boxes(anchors))[0]
+    candidates = torch.nonzero(iou > iou_threshold).flatten()
+    if len(candidates) == 0:
+        candidates = torch.topk(iou, min(fallback_topk, len(iou))).indices
+    if nms_threshold < 1 and len(candidates) > 1:
+        scores = torch.as_tensor(np.random.rand(len(candidates)), dtype=torch.float32)
+        candidates = candidates[nms(anchors[candidates].float(), scores, nms_threshold)]  # suppresses IoU > thr
+    return int(candidates[np.random.randint(len(candidates))])
+
+
+def anchor_jitter(box, view_hw, *, stride, sizes, ratios, iou_threshold, offset, nms_threshold, fallback_topk):
+    """InsLoc's box augmentation: a random anchor near ``box`` (see :func:`pick_jittered_anchor`),
+    from the anchors of :func:`anchor_grid` over a view of size ``view_hw``.
 
     Args:
         box: (4,) XYXY in view pixels.
     Returns:
         (4,) float64 XYXY, the chosen anchor.
     """
-    key = (tuple(view_hw), stride, tuple(sizes), tuple(ratios))
-    if key not in _ANCHOR_CACHE:
-        gen = DefaultAnchorGenerator(sizes=[list(sizes)], aspect_ratios=[list(ratios)], strides=[stride], offset=0.5)
-        grid = [(int(np.ceil(view_hw[0] / stride)), int(np.ceil(view_hw[1] / stride)))]
-        _ANCHOR_CACHE[key] = Boxes(gen._grid_anchors(grid)[0])
-    anchors = _ANCHOR_CACHE[key]
-    iou = pairwise_iou(Boxes(torch.as_tensor(np.asarray(box, dtype=np.float32)[None])), anchors)[0]
-    candidates = torch.nonzero(iou > iou_threshold).flatten()
-    if len(candidates) == 0:
-        candidates = iou.argmax().view(1)
-    pick = candidates[np.random.randint(len(candidates))]
-    return anchors.tensor[pick].double().numpy()
+    anchors = anchor_grid(view_hw, stride=stride, sizes=sizes, ratios=ratios, offset=offset)
+    pick = pick_jittered_anchor(
+        box, anchors, iou_threshold=iou_threshold, nms_threshold=nms_threshold, fallback_topk=fallback_topk
+    )
+    return anchors[pick].double().numpy()

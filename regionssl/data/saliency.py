@@ -11,7 +11,7 @@ are built from the config and called as ``source(image, file_name) -> (H, W) flo
 
 ``SaliencySwap`` (CVSA, arXiv 2106.15788) pastes the most salient window of the image being mapped
 over the most salient window of another random image of the dataset, then crops and flips the
-composite. Which parts follow the paper and which are ours: ``docs/cvsa.md``.
+composite. Which parts follow the paper and which are ours: ``docs/methods/cvsa.md``.
 """
 import logging
 import os
@@ -163,7 +163,7 @@ def _overlap(a, b):
 
 @VIEW_GENERATOR_REGISTRY.register()
 class SaliencySwap:
-    """CVSA's Saliency Swap views (``docs/cvsa.md``).
+    """CVSA's Saliency Swap views (``docs/methods/cvsa.md``).
 
     For the image x being mapped (size H x W, saliency s(x)) the square window W_x of side
     ``window_fraction * min(H, W)`` with the highest mean saliency is found once. For each of the

@@ -8,7 +8,7 @@ applied later by the mapper (per-view probabilities), never here.
 Registered generators (``INPUT.REGIONSSL.VIEW_GENERATOR``):
 
 * ``TwoCrops``           two independent RandomResizedCrops, each flipped with p=0.5 (MoCo/BYOL/SCRL).
-* ``TwoCropsSharedFlip`` the same, but one flip decision for both views (ReSim, METHODS §6.1).
+* ``TwoCropsSharedFlip`` the same, but one flip decision for both views (ReSim, docs/methods/resim.md).
 * ``MultiCrop``          N_i crops of side S_i per resolution i (SwAV: 2x224 + 6x96).
 * ``CopyPaste``          InsLoc: a foreground crop rescaled to a random size and pasted on another
                          image of the dataset resized to the canvas; one composite per view.
@@ -28,6 +28,7 @@ from detectron2.config import configurable
 from detectron2.data import transforms as T
 from detectron2.utils.registry import Registry
 
+from ..config import per_level
 from .augmentations import (
     INTERPOLATIONS,
     DecodedImage,
@@ -179,7 +180,8 @@ class MultiCrop(_PlannedGenerator):
 
     @configurable
     def __init__(self, *, num_crops, sizes, min_scales, max_scales, ratio, interp, flip_prob):
-        assert len(num_crops) == len(sizes) == len(min_scales) == len(max_scales)
+        for key, values in (("SIZES", sizes), ("MIN_SCALES", min_scales), ("MAX_SCALES", max_scales)):
+            per_level(f"INPUT.REGIONSSL.MULTI_CROP.{key}", values, num_crops, "INPUT.REGIONSSL.MULTI_CROP.NUM_CROPS")
         self.specs = list(zip(num_crops, sizes, min_scales, max_scales))
         self.ratio, self.interp, self.flip_prob = ratio, interp, flip_prob
 
@@ -208,7 +210,7 @@ class MultiCrop(_PlannedGenerator):
 
 @VIEW_GENERATOR_REGISTRY.register()
 class CopyPaste(_PlannedGenerator):
-    """InsLoc's composites (METHODS §4.1).
+    """InsLoc's composites (docs/methods/insloc.md).
 
     For each of the two views: crop the foreground image with RandomResizedCrop's rule
     (scale s, ratio r), rescale the crop, keeping its aspect, so that it fits a random target

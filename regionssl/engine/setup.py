@@ -4,11 +4,12 @@ import os
 
 import torch
 from detectron2.config import get_cfg
+from detectron2.engine import DefaultTrainer
 from detectron2.utils import comm
 
 from ..config import add_regionssl_config
 
-__all__ = ["get_regionssl_cfg", "adapt_to_machine", "check_weights_path"]
+__all__ = ["get_regionssl_cfg", "adapt_to_machine", "check_weights_path", "auto_scale_workers"]
 
 logger = logging.getLogger(__name__)
 
@@ -44,10 +45,11 @@ def adapt_to_machine(cfg, world_size=None):
             if node is not None and node.get("NORM") == "SyncBN":
                 logger.warning(f"MODEL.{key}.NORM: SyncBN -> naiveSyncBN for {world_size} CPU processes.")
                 node.NORM = "naiveSyncBN"
-        proj = cfg.MODEL.REGIONSSL.PROJECTOR  # BYOL/SCRL projector and predictor BN
-        if proj.NORM == "SyncBN":
-            logger.warning(f"MODEL.REGIONSSL.PROJECTOR.NORM: SyncBN -> naiveSyncBN for {world_size} CPU processes.")
-            proj.NORM = "naiveSyncBN"
+        proj = cfg.MODEL.REGIONSSL.PROJECTOR  # BYOL/SCRL projector and predictor BN, MoCo v3 output BN
+        for key in ("NORM", "OUT_NORM"):
+            if proj.get(key) == "SyncBN":
+                logger.warning(f"MODEL.REGIONSSL.PROJECTOR.{key}: SyncBN -> naiveSyncBN for {world_size} CPU processes.")
+                proj[key] = "naiveSyncBN"
     return cfg
 
 
@@ -60,3 +62,31 @@ def check_weights_path(path):
             f"MODEL.WEIGHTS={path!r} does not exist. Give a pretraining checkpoint (e.g. "
             "output/insloc_fpn/model_final.pth) or a converted .pkl; see README 'Fine-tuning'."
         )
+
+
+def auto_scale_workers(cfg, num_workers):
+    """Detectron2's ``DefaultTrainer.auto_scale_workers`` plus the keys it does not know.
+
+    With ``SOLVER.REFERENCE_WORLD_SIZE`` R > 0 and ``num_workers`` n != R, Detectron2 keeps
+    ``IMS_PER_BATCH / R`` images per process and scales batch and BASE_LR by s = n / R, MAX_ITER,
+    WARMUP_ITERS, STEPS, CHECKPOINT_PERIOD and TEST.EVAL_PERIOD by 1 / s. Scaled here as well, so a
+    recipe keeps its shape in epochs: ``SOLVER.BASE_LR_END`` (x s: SwAV's final lr = base / 1000),
+    ``MODEL.REGIONSSL.SWAV.FREEZE_PROTOTYPES_ITERS`` and ``QUEUE_START_ITER`` and
+    ``TEST.REGIONSSL.PROBE_PERIOD`` (x 1 / s). The trainers pass n = processes x
+    ``SOLVER.REGIONSSL.ACCUMULATE``: each process with k micro-batches stands for k processes.
+    """
+    reference = cfg.SOLVER.REFERENCE_WORLD_SIZE
+    scaled = DefaultTrainer.auto_scale_workers(cfg, num_workers)
+    if scaled is cfg:
+        return cfg
+    s = num_workers / reference
+    frozen = scaled.is_frozen()
+    scaled.defrost()
+    scaled.SOLVER.BASE_LR_END = cfg.SOLVER.BASE_LR_END * s
+    swav = scaled.MODEL.REGIONSSL.SWAV
+    swav.FREEZE_PROTOTYPES_ITERS = int(round(swav.FREEZE_PROTOTYPES_ITERS / s))
+    swav.QUEUE_START_ITER = int(round(swav.QUEUE_START_ITER / s))
+    scaled.TEST.REGIONSSL.PROBE_PERIOD = int(round(scaled.TEST.REGIONSSL.PROBE_PERIOD / s))
+    if frozen:
+        scaled.freeze()
+    return scaled

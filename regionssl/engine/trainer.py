@@ -1,15 +1,18 @@
 """Trainers: DefaultTrainer subclasses for pretraining and for detection fine-tuning.
 
-Both differ from DefaultTrainer in one place only, model wrapping: Detectron2's
-``create_ddp_model`` passes ``device_ids=[local_rank]``, which DistributedDataParallel rejects
-for a CPU model, so ``--num-gpus N`` on a CPU machine would crash. Everything else (hooks,
-writers with ETA, checkpointing, resume) is Detectron2's.
+Both differ from DefaultTrainer in model wrapping: Detectron2's ``create_ddp_model`` passes
+``device_ids=[local_rank]``, which DistributedDataParallel rejects for a CPU model, so
+``--num-gpus N`` on a CPU machine would crash; and rank 0's buffers are broadcast once, so every
+process starts from the same queues and BN statistics. Pretraining also reads a step's losses and
+diagnostics from the device with one copy (:class:`OneReadStep`). Everything else (hooks, writers
+with ETA, checkpointing, resume) is Detectron2's.
 """
 import logging
 import os
 import weakref
 from collections import OrderedDict
 
+import torch
 from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase, create_ddp_model, hooks
 from detectron2.evaluation import COCOEvaluator, PascalVOCDetectionEvaluator
 from detectron2.data import MetadataCatalog
@@ -22,8 +25,11 @@ from detectron2.utils.logger import setup_logger
 from ..checkpoint import FormatTag, RegionSSLCheckpointer
 from ..data.build import build_pretrain_train_loader
 from ..modeling.meta_arch.base import RegionSSLBase
+from ..utils.distributed import broadcast_buffers_from_rank0
+from .accumulate import build_step_runner, micro_batch_cfg
+from .setup import auto_scale_workers
 
-__all__ = ["PretrainTrainer", "FinetuneTrainer", "trainer_for", "is_pretraining", "wrap_ddp"]
+__all__ = ["PretrainTrainer", "FinetuneTrainer", "trainer_for", "is_pretraining", "wrap_ddp", "OneReadStep"]
 
 
 def is_pretraining(cfg):
@@ -37,29 +43,70 @@ def trainer_for(cfg):
 
 
 def wrap_ddp(model, find_unused_parameters=False):
-    """``create_ddp_model`` that also works for CPU models (gloo): no device_ids there."""
+    """``create_ddp_model`` that also works for CPU models (gloo): no device_ids there.
+
+    DDP broadcasts rank 0's parameters at construction but, with ``broadcast_buffers=False`` (per-
+    process BN statistics, as MoCo's shuffle-BN needs), no buffers: they are broadcast here once, so
+    queues drawn at random and every other buffer start equal on every rank whatever the seeds.
+    """
+    broadcast_buffers_from_rank0(model)
     device_ids = None if next(model.parameters()).device.type == "cpu" else [comm.get_local_rank()]
     return create_ddp_model(
         model, broadcast_buffers=False, device_ids=device_ids, find_unused_parameters=find_unused_parameters
     )
 
 
+class OneReadStep:
+    """Mixin for Detectron2's ``SimpleTrainer``/``AMPTrainer`` driving a :class:`RegionSSLBase`.
+
+    Detectron2 reads every loss with its own ``.cpu()`` and the model would read each logged
+    diagnostic: one GPU sync each. Here the model keeps its diagnostics on the device
+    (``defer_log_flush``) and they are read together with the losses, with one copy, after the
+    backward pass has been queued.
+    """
+
+    def __init__(self, model, *args, **kwargs):
+        super().__init__(model, *args, **kwargs)
+        getattr(model, "module", model).defer_log_flush = True
+
+    def _write_metrics(self, loss_dict, data_time, prefix="", iter=None):
+        iter = self.iter if iter is None else iter
+        names = list(loss_dict) if (iter + 1) % self.gather_metric_period == 0 else []
+        values = getattr(self.model, "module", self.model).flush_logs(extra=[loss_dict[k] for k in names])
+        if names:  # host tensors now: Detectron2's .cpu().item() reads nothing more from the device
+            super()._write_metrics({k: torch.tensor(v) for k, v in zip(names, values)}, data_time, prefix, iter)
+
+
+class _OneReadSimpleTrainer(OneReadStep, SimpleTrainer):
+    pass
+
+
+class _OneReadAMPTrainer(OneReadStep, AMPTrainer):
+    pass
+
+
 class _Trainer(DefaultTrainer):
-    # Pretraining models may leave parameters without gradient on some steps (e.g. SwAV's
-    # frozen prototypes, FPN outputs unused by a level subset).
+    # True/False for DistributedDataParallel's find_unused_parameters; None asks the model
+    # (``RegionSSLBase.needs_find_unused_parameters``).
     find_unused_parameters = False
+    step_trainers = (SimpleTrainer, AMPTrainer)  # (fp32, AMP)
 
     def __init__(self, cfg):
         TrainerBase.__init__(self)
         logger = logging.getLogger("detectron2")
         if not logger.isEnabledFor(logging.INFO):
             setup_logger()
-        cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
+        # REFERENCE_WORLD_SIZE scaling; a process running k accumulated micro-batches counts as k
+        cfg = auto_scale_workers(cfg, comm.get_world_size() * cfg.SOLVER.REGIONSSL.ACCUMULATE)
         model = self.build_model(cfg)
         optimizer = self.build_optimizer(cfg, model)
         data_loader = self.build_train_loader(cfg)
-        model = wrap_ddp(model, self.find_unused_parameters)
-        self._trainer = (AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer)(model, data_loader, optimizer)
+        find_unused = self.find_unused_parameters
+        if find_unused is None:
+            find_unused = model.needs_find_unused_parameters()
+        model = wrap_ddp(model, find_unused)
+        # (AMP)SimpleTrainer, or its accumulating version for SOLVER.REGIONSSL.ACCUMULATE > 1
+        self._trainer = build_step_runner(cfg, model, data_loader, optimizer, self.step_trainers)
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
         self.checkpointer = self.build_checkpointer(cfg, model, trainer=weakref.proxy(self))
         self.start_iter = 0
@@ -70,6 +117,16 @@ class _Trainer(DefaultTrainer):
     @classmethod
     def build_checkpointer(cls, cfg, model, **checkpointables):
         return RegionSSLCheckpointer(model, cfg.OUTPUT_DIR, **checkpointables)
+
+    @classmethod
+    def build_train_loader(cls, cfg):
+        return super().build_train_loader(micro_batch_cfg(cfg))  # IMS_PER_BATCH / ACCUMULATE per call
+
+    def build_writers(self):
+        """Detectron2's console/JSON/TensorBoard writers, plus W&B / MLflow when enabled."""
+        from .tracking import build_tracking_writers
+
+        return super().build_writers() + build_tracking_writers(self.cfg)
 
     @classmethod
     def build_lr_scheduler(cls, cfg, optimizer):
@@ -92,8 +149,10 @@ class _Trainer(DefaultTrainer):
         if name == "LARS":
             from ..solver import LARS, build_lars_param_groups
 
+            s = cfg.SOLVER.REGIONSSL
             groups = build_lars_param_groups(
-                model, cfg.SOLVER.BASE_LR, cfg.SOLVER.WEIGHT_DECAY, cfg.SOLVER.REGIONSSL.LARS_EXCLUDE_BIAS_AND_NORM
+                model, cfg.SOLVER.BASE_LR, cfg.SOLVER.WEIGHT_DECAY, s.LARS_EXCLUDE_BIAS_AND_NORM,
+                exclude_names=s.LARS_EXCLUDE_NAMES, grad_times_lr=s.LARS_EXCLUDED_GRAD_TIMES_LR,
             )
             opt = LARS(groups, lr=cfg.SOLVER.BASE_LR, momentum=cfg.SOLVER.MOMENTUM, eta=cfg.SOLVER.REGIONSSL.LARS_TRUST)
             return maybe_add_gradient_clipping(cfg, opt)
@@ -103,7 +162,8 @@ class _Trainer(DefaultTrainer):
 class PretrainTrainer(_Trainer):
     """Self-supervised pretraining: image-only loader, no evaluator, regionssl hooks."""
 
-    find_unused_parameters = True
+    find_unused_parameters = None  # the model says (SwAV while its prototypes are frozen)
+    step_trainers = (_OneReadSimpleTrainer, _OneReadAMPTrainer)
 
     @classmethod
     def build_checkpointer(cls, cfg, model, **checkpointables):
@@ -112,19 +172,21 @@ class PretrainTrainer(_Trainer):
 
     @classmethod
     def build_train_loader(cls, cfg):
-        from .hooks import RememberLastBatch
+        from .hooks import CollectSkippedFiles, RememberLastBatch
 
-        loader = build_pretrain_train_loader(cfg)
+        loader = CollectSkippedFiles(build_pretrain_train_loader(micro_batch_cfg(cfg)))  # counts unreadable files
         return RememberLastBatch(loader) if cfg.VIS_PERIOD > 0 else loader
 
     def build_hooks(self):
         from .hooks import build_pretrain_hooks
+        from .resume import DataStateHook
 
         ret = [h for h in super().build_hooks() if not isinstance(h, (hooks.EvalHook, hooks.PreciseBN))]
         # writers must stay last so they see what the other hooks logged
         writers = [h for h in ret if isinstance(h, hooks.PeriodicWriter)]
         others = [h for h in ret if not isinstance(h, hooks.PeriodicWriter)]
-        return others + build_pretrain_hooks(self.cfg, self) + writers
+        data_state = DataStateHook(self.cfg.SOLVER.IMS_PER_BATCH // comm.get_world_size())  # exact resume
+        return [data_state] + others + build_pretrain_hooks(self.cfg, self) + writers
 
     @classmethod
     def test(cls, cfg, model, evaluators=None):

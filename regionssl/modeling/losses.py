@@ -2,7 +2,14 @@
 import torch
 import torch.nn.functional as F
 
-__all__ = ["info_nce", "byol_regression"]
+__all__ = ["info_nce", "info_nce_in_batch", "byol_regression"]
+
+
+def _first_column_nce(l_pos, l_neg, temperature):
+    """Cross-entropy with the positive logit in column 0: loss, logits (N, 1 + K) / T."""
+    logits = torch.cat([l_pos, l_neg], dim=1) / temperature
+    labels = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
+    return F.cross_entropy(logits, labels), logits
 
 
 def info_nce(q, k, negatives, temperature):
@@ -19,10 +26,29 @@ def info_nce(q, k, negatives, temperature):
     with torch.autocast(device_type=q.device.type, enabled=False):
         q, k, negatives = q.float(), k.float(), negatives.float()
         l_pos = (q * k).sum(dim=1, keepdim=True)  # (N, 1)
-        l_neg = q @ negatives  # (N, K)
-        logits = torch.cat([l_pos, l_neg], dim=1) / temperature
-        labels = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
-        return F.cross_entropy(logits, labels), logits
+        return _first_column_nce(l_pos, q @ negatives, temperature)  # l_neg: (N, K)
+
+
+def info_nce_in_batch(q, keys, own, temperature):
+    """InfoNCE whose negatives are the *other* keys of the batch (MoCo v3; SimCLR without the
+    query-query terms): query i is scored against every key, its own key ``keys[own[i]]`` is the
+    positive and the remaining M - 1 keys are its negatives.
+
+    Args:
+        q: (N, D) L2-normalised queries.
+        keys: (M, D) L2-normalised keys of the whole (global) batch, M >= N.
+        own: (N,) long, row of ``keys`` holding query i's positive.
+        temperature: T.
+    Returns:
+        loss (scalar, mean over N) and logits (N, M), positive at column 0 (same layout as
+        :func:`info_nce`, with K = M - 1).
+    """
+    with torch.autocast(device_type=q.device.type, enabled=False):
+        sims = q.float() @ keys.float().t()  # (N, M)
+        is_pos = torch.zeros_like(sims, dtype=torch.bool).scatter_(1, own[:, None], True)
+        l_pos = sims[is_pos].view(-1, 1)  # (N, 1)
+        l_neg = sims[~is_pos].view(sims.shape[0], -1)  # (N, M - 1), other keys in batch order
+        return _first_column_nce(l_pos, l_neg, temperature)
 
 
 def byol_regression(p, z):
@@ -43,7 +69,7 @@ __all__ += ["cross_view_attention", "saliency_alignment"]
 
 
 def cross_view_attention(q, k, temperature):
-    """Where a query map and a key map attend to each other (CVSA; see docs/cvsa.md).
+    """Where a query map and a key map attend to each other (CVSA; see docs/methods/cvsa.md).
 
     With cosine similarities ``s_ij = cos(q_i, k_j) / T`` between query positions i and key
     positions j:

@@ -3,7 +3,7 @@
 PrRoIPool (Jiang et al., "Acquisition of Localization Confidence for Accurate Object Detection",
 ECCV'18) pools a box as the *exact integral* of the bilinearly interpolated feature map divided by
 the box area. ReSim (Xiao et al., ICCV'21) pools its sliding windows with a 1x1 PrRoIPool, but the
-official op (``vacancy/PreciseRoIPooling``) is a CUDA-only JIT extension (METHODS.md §1 item 10).
+official op (``vacancy/PreciseRoIPooling``) is a CUDA-only JIT extension (docs/methods/resim.md).
 
 For a 1x1 output the integral factorises per axis. With the hat basis
 ``phi_k(x) = max(0, 1 - |x - k|)`` the interpolant is
@@ -45,7 +45,7 @@ def _axis_weights(lo, hi, size):
     return rising + falling  # (R, size)
 
 
-def prroi_pool_1x1(features, boxes, spatial_scale):
+def prroi_pool_1x1(features, boxes, spatial_scale, rows_per_image=None):
     """Average of the bilinearly interpolated feature map over each box (PrRoIPool, 1x1 output).
 
     Grid convention (identical to the official ``PrRoIPoolingForward`` CUDA kernel): box
@@ -62,6 +62,9 @@ def prroi_pool_1x1(features, boxes, spatial_scale):
         boxes (Tensor): (R, 5) rows ``[batch_idx, x1, y1, x2, y2]`` in image pixels (the
             torchvision ``roi_align`` format). Treated as constants (no gradient w.r.t. boxes).
         spatial_scale (float): feature units per image pixel, e.g. 1/16 for P4.
+        rows_per_image (list[int] or None): if the rows are grouped by image in order (image 0's
+            rows first, ...), the number of rows of each image (host ints): no host read at all.
+            None: the grouping is found from the batch indices with one host read.
 
     Returns:
         Tensor (R, C): pooled features. Differentiable w.r.t. ``features``. Computed in at least
@@ -85,13 +88,31 @@ def prroi_pool_1x1(features, boxes, spatial_scale):
         inv_area = torch.where(area > 0, 1.0 / area.clamp(min=torch.finfo(dtype).tiny), 0.0)
         wy = wy * inv_area[:, None]
 
-        out = feats.new_zeros((R, C))
-        batch_idx = rois[:, 0].long()
-        # One matmul per image: the outer product Wy[r] Wx[r]^T, flattened to (R_n, H*W), times
-        # F_n^T (H*W, C). Memory is R*H*W (1000 boxes x 56^2 = 3.1M floats), never R*C*H*W.
-        for n in torch.unique(batch_idx).tolist():
-            assert 0 <= n < N, f"box batch index {n} out of range for {N} images"
-            sel = (batch_idx == n).nonzero(as_tuple=True)[0]  # (R_n,)
-            w2d = (wy[sel, :, None] * wx[sel, None, :]).reshape(len(sel), H * W)  # (R_n, H*W)
-            out = out.index_copy(0, sel, w2d @ feats[n].reshape(C, H * W).t())  # (R_n, C)
-    return out
+        if rows_per_image is None:  # group the rows by image: one host read for the counts
+            batch_idx = rois[:, 0].long()
+            counts = torch.zeros(N, dtype=torch.long, device=batch_idx.device)
+            counts = counts.index_add_(0, batch_idx, torch.ones_like(batch_idx)).tolist()  # raises if out of range
+            order = torch.argsort(batch_idx, stable=True)
+            out = _per_image(feats, wy[order], wx[order], counts)
+            return torch.empty_like(out).index_copy(0, order, out)
+        assert len(rows_per_image) == N and sum(rows_per_image) == R, (
+            f"rows_per_image {list(rows_per_image)} does not match {N} images and {R} boxes"
+        )
+        return _per_image(feats, wy, wx, rows_per_image)
+
+
+def _per_image(feats, wy, wx, rows_per_image):
+    """(R, C) pooled rows, given rows grouped by image (``rows_per_image[n]`` rows of image n).
+
+    One matmul per image: the outer product Wy[r] Wx[r]^T, flattened to (R_n, H*W), times
+    F_n^T (H*W, C). Memory is R*H*W (1000 boxes x 56^2 = 3.1M floats), never R*C*H*W. Python
+    slices of known sizes: no device sync.
+    """
+    N, C, H, W = feats.shape
+    out, start = [], 0
+    for n, r in enumerate(rows_per_image):
+        if r:
+            w2d = (wy[start : start + r, :, None] * wx[start : start + r, None, :]).reshape(r, H * W)  # (R_n, H*W)
+            out.append(w2d @ feats[n].reshape(C, H * W).t())  # (R_n, C)
+        start += r
+    return torch.cat(out) if out else feats.new_zeros((0, C))

@@ -4,6 +4,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..utils.distributed import all_gather_cat
+from ..utils.micro_batch import rows_at_step_end
 
 __all__ = ["KeyQueues"]
 
@@ -17,7 +18,8 @@ class KeyQueues(nn.Module):
         fill:  (L,) int64 number of real keys written so far (saturates at K).
 
     ``enqueue`` all-gathers the keys of every process first, so every rank holds the same
-    queue (a rank-0 checkpoint is complete). Writes wrap around; any batch size works.
+    queue (a rank-0 checkpoint is complete). Writes wrap around; any batch size works. With
+    gradient accumulation the keys of all micro-batches are written together after the last one.
     """
 
     def __init__(self, num_levels, dim, size):
@@ -32,18 +34,31 @@ class KeyQueues(nn.Module):
         return self.queue[level].clone().detach()
 
     @torch.no_grad()
-    def enqueue(self, level, keys):
-        """Append ``keys`` (N, D) of this process (and of every other process) to queue ``level``."""
-        keys, _ = all_gather_cat(keys.detach().to(self.queue.dtype))
+    def enqueue(self, level, keys, counts=None):
+        """Append ``keys`` (N, D) of this process (and of every other process) to queue ``level``.
+
+        ``counts``: every rank's N if known (host ints); otherwise exchanged (one host read).
+        Returns the counts, for the next call of the step. Under gradient accumulation the rows of
+        earlier micro-batches wait and are written with the last one (then counts are exchanged).
+        """
+        n_given = keys.shape[0]
+        keys = rows_at_step_end(self, level, keys.detach().to(self.queue.dtype))
+        if keys is None:  # an earlier micro-batch of the step: written with the last one
+            return counts
+        if keys.shape[0] != n_given:  # rows of several micro-batches: the given counts do not apply
+            counts = None
+        keys, counts = all_gather_cat(keys, counts)
         n = keys.shape[0]
         if n == 0:
-            return
+            return counts
         if n > self.size:  # only the newest K keys can stay
             keys, n = keys[-self.size :], self.size
         idx = (self.ptr[level] + torch.arange(n, device=keys.device)) % self.size
         self.queue[level][:, idx] = keys.t()
         self.ptr[level] = (self.ptr[level] + n) % self.size
         self.fill[level] = torch.clamp(self.fill[level] + n, max=self.size)
+        return counts
 
     def fill_fraction(self, level):
-        return float(self.fill[level]) / self.size
+        """Fraction of queue ``level`` holding real keys: a 0-dim tensor (read when logs are flushed)."""
+        return self.fill[level].float() / self.size

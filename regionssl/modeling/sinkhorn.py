@@ -1,4 +1,4 @@
-"""SwAV's Sinkhorn-Knopp code assignment and swapped-prediction loss (METHODS.md §5.2).
+"""SwAV's Sinkhorn-Knopp code assignment and swapped-prediction loss (docs/methods/swav.md).
 
 Official algorithm (``facebookresearch/swav``, ``main_swav.py`` ``distributed_sinkhorn``), with
 scores ``z C^T`` of shape (B_local, K), B = B_local * world_size::
@@ -72,9 +72,8 @@ def sinkhorn_knopp(scores, epsilon, num_iters, world_size_reduce=True):
         logits = scores.float() / epsilon  # (B_local, K) = log of the official exp(scores / eps)
         K = logits.shape[1]
         B = _all_reduce(
-            torch.tensor(float(logits.shape[0]), device=logits.device), dist.ReduceOp.SUM,
-            world_size,
-        )  # global batch size, as a tensor so unequal local batches also work
+            logits.new_full((), float(logits.shape[0])), dist.ReduceOp.SUM, world_size,
+        )  # global batch size, as a tensor so unequal local batches also work (made on the device: no copy)
         # Q /= sum(Q): only matters for num_iters == 0, the first row step cancels it otherwise.
         total = _logsumexp_dim0(torch.logsumexp(logits, dim=1, keepdim=True), world_size)
         log_q = logits - total  # (B_local, K)
@@ -92,7 +91,7 @@ def sinkhorn_knopp(scores, epsilon, num_iters, world_size_reduce=True):
 
 
 def swav_loss(scores_per_crop, codes_per_assigned_crop, crops_for_assign, temperature):
-    """SwAV swapped-prediction loss (METHODS.md §5.2).
+    """SwAV swapped-prediction loss (docs/methods/swav.md).
 
     ``L = 1/|S| sum_{s in S} 1/(V-1) sum_{v != s} -mean_b sum_k q_s[b, k] log p_v[b, k]`` with
     ``p_v = softmax(z_v C^T / tau)`` over the K prototypes.

@@ -1,6 +1,6 @@
 """What every regionssl pretraining meta-architecture shares.
 
-Module names (the checkpoint contract, DESIGN.md §3):
+Module names (the checkpoint contract, docs/design.md):
 
 * online encoder: ``backbone.*`` and, when the variant pretrains them, ``roi_heads.res5.*`` (C4)
   or ``roi_heads.box_head.*`` (FPN) — exactly the detector's names, so a pretraining checkpoint
@@ -14,12 +14,12 @@ import torch
 import torch.nn.functional as F
 from detectron2.config import configurable
 from detectron2.layers import ROIAlign
-from detectron2.modeling.poolers import convert_boxes_to_pooler_format
-from detectron2.structures import Boxes
 from detectron2.utils.events import get_event_storage
 from torch import nn
 
-from ..encoders import RegionPooler, build_trunk, ema_update, make_momentum_copy, momentum_at
+from ...utils.distributed import to_device
+from ...utils.micro_batch import is_first_micro_batch
+from ..encoders import RegionPooler, boxes_to_rois, build_trunk, ema_update, make_momentum_copy, momentum_at
 
 __all__ = ["RegionSSLBase", "trunk_kind_from_cfg"]
 
@@ -62,6 +62,10 @@ class RegionSSLBase(nn.Module):
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
         self._fallback_iter = 0  # used only outside a trainer (no EventStorage)
+        # Diagnostics of the step, read from the device together (see ``log``/``flush_logs``).
+        # True when a trainer flushes them with its loss values (PretrainTrainer); else forward does.
+        self.defer_log_flush = False
+        self._pending_logs, self._in_forward = [], False
 
     @classmethod
     def from_config(cls, cfg):
@@ -98,6 +102,16 @@ class RegionSSLBase(nn.Module):
         """Create ``self.momentum``: frozen copies of the online encoder and ``extra`` heads."""
         self.momentum = make_momentum_copy(self.online_modules(*extra))
 
+    def needs_find_unused_parameters(self):
+        """Whether DistributedDataParallel must look for parameters that get no gradient.
+
+        False for every method whose loss reaches each trainable parameter on every step (a level
+        or a process without regions still adds a zero connected to the graph); True costs a graph
+        traversal per step. Parameters a method never uses are frozen (``requires_grad=False``,
+        e.g. ReSim-FPN's ``fpn_output5``), which DDP ignores.
+        """
+        return False
+
     @property
     def iteration(self):
         """Global iteration (from the trainer's EventStorage; resumes exactly)."""
@@ -111,45 +125,96 @@ class RegionSSLBase(nn.Module):
 
     @torch.no_grad()
     def update_momentum(self):
+        """EMA of the online into the momentum encoder; once per optimizer step (gradient
+        accumulation: in the first micro-batch only, see :mod:`regionssl.utils.micro_batch`)."""
         m = self.current_momentum()
-        ema_update({name: getattr(self, name) for name in self.momentum.keys()}, self.momentum, m)
+        if is_first_micro_batch():
+            ema_update({name: getattr(self, name) for name in self.momentum.keys()}, self.momentum, m)
         return m
 
-    def normalize(self, views):
-        """List of (3, H, W) uint8 tensors (one size) -> (N, 3, H', W') float on the model device.
+    def batch_coupling(self):
+        """Reasons (strings) why k micro-batches of B/k do not give the update of one batch of B,
+        beyond BatchNorm (which the trainer detects from the modules). Empty: the loss is a mean of
+        per-sample terms. Methods override this (SwAV: Sinkhorn, ReSim: in-batch negatives)."""
+        return []
+
+    def view_pixels(self, views):
+        """List of (3, H, W) uint8 tensors (one size) -> (N, 3, H, W) uint8 on the model device.
+
+        One non-blocking copy per view (asynchronous from the loader's pinned memory).
+        """
+        return torch.stack([v.to(self.device, non_blocking=True) for v in views])
+
+    def model_input(self, x):
+        """(N, 3, H, W) uint8 pixels -> normalised float, padded for the backbone.
 
         Padded with zeros (= the mean pixel) at the bottom/right up to the backbone's
         ``size_divisibility`` (FPN: 32; a 112 px view would otherwise break the top-down sum).
-        Box coordinates are unchanged by this padding.
+        Box coordinates are unchanged by this padding. A floating-point batch is taken as
+        normalised already and returned as is.
         """
-        x = torch.stack([v.to(self.device, non_blocking=True) for v in views]).float()
-        x = (x - self.pixel_mean) / self.pixel_std
+        if x.is_floating_point():
+            return x
+        x = (x.float() - self.pixel_mean) / self.pixel_std
         d = getattr(self.backbone, "size_divisibility", 0)
         if d > 1:
             h, w = x.shape[-2:]
             x = F.pad(x, (0, (-w) % d, 0, (-h) % d))
         return x
 
+    def normalize(self, views):
+        """List of (3, H, W) uint8 tensors (one size) -> (N, 3, H', W') normalised float on the model
+        device (:meth:`view_pixels` then :meth:`model_input`)."""
+        return self.model_input(self.view_pixels(views))
+
     def view_batch(self, batched_inputs, v):
-        """Images of view ``v`` of every input: (N, 3, H, W)."""
+        """Images of view ``v`` of every input: (N, 3, H, W) normalised."""
         return self.normalize([d["views"][v] for d in batched_inputs])
 
     def view_boxes(self, batched_inputs, v, key="boxes"):
-        """Per-image (R_i, 4) boxes of view ``v`` on the model device, only valid rows."""
-        out = []
-        for d in batched_inputs:
-            b = d[key][v] if key == "boxes" else d[key]
-            out.append(b[d["valid"]].to(self.device) if "valid" in d else b.to(self.device))
-        return out
+        """Per-image (R_i, 4) boxes of view ``v`` on the model device, only valid rows.
+
+        Selected on the host (the loader's tensors), then moved in one non-blocking copy and split:
+        no per-image copy, no device sync.
+        """
+        host = [d[key][v] if key == "boxes" else d[key] for d in batched_inputs]
+        host = [b[d["valid"]] if "valid" in d else b for b, d in zip(host, batched_inputs)]
+        flat = to_device(torch.cat(host), self.device)
+        return list(flat.split([len(b) for b in host]))
 
     def log(self, **scalars):
-        """Put diagnostics under ``regionssl/<name>`` in the EventStorage (if a trainer runs)."""
+        """Put diagnostics under ``regionssl/<name>`` in the EventStorage (if a trainer runs).
+
+        During ``forward`` tensor values stay on the device: :meth:`flush_logs` reads all of a
+        step's values with one device -> host copy (at the end of ``forward``, or with the losses
+        when a trainer defers it), instead of one GPU sync per scalar. Outside ``forward`` (a helper
+        called directly) they are put right away.
+        """
         try:
             storage = get_event_storage()
         except AssertionError:
             return
         for k, v in scalars.items():
-            storage.put_scalar(f"regionssl/{k}", float(v.detach()) if torch.is_tensor(v) else float(v))
+            value = v.detach().float().reshape(()) if torch.is_tensor(v) else float(v)
+            self._pending_logs.append((f"regionssl/{k}", value, storage.iter))
+        if not (self._in_forward or self.defer_log_flush):
+            self.flush_logs()
+
+    def flush_logs(self, extra=()):
+        """Put the pending diagnostics into the EventStorage; return ``extra`` scalars as floats.
+
+        Every pending tensor and every tensor of ``extra`` (e.g. the step's losses) is read with
+        **one** device -> host copy.
+        """
+        pending, self._pending_logs = self._pending_logs, []
+        tensors = [v for _, v, _ in pending if torch.is_tensor(v)] + [t.detach().float().reshape(()) for t in extra]
+        values = torch.stack(tensors).tolist() if tensors else []
+        read = iter(values)
+        if pending:
+            storage = get_event_storage()
+            for name, v, it in pending:
+                storage.put_scalar(name, next(read) if torch.is_tensor(v) else v, cur_iter=it)
+        return list(read)
 
     @staticmethod
     def embedding_std(z):
@@ -169,7 +234,7 @@ class RegionSSLBase(nn.Module):
         features = self.backbone(images)
         if self.pooler.kind == "global":
             stride = self.backbone.output_shape()["res5"].stride
-            rois = convert_boxes_to_pooler_format([Boxes(b) for b in boxes])
+            rois = boxes_to_rois(boxes)
             return ROIAlign((7, 7), 1.0 / stride, 0, True)(features["res5"], rois).mean(dim=(2, 3))
         return self.pooler(self, features, boxes).mean(dim=0)
 
@@ -184,6 +249,12 @@ class RegionSSLBase(nn.Module):
             )
         if not isinstance(batched_inputs[0], dict) or "views" not in batched_inputs[0]:
             raise ValueError("Pretraining models need the regionssl mapper's output (dicts with 'views')")
-        losses = self.losses(batched_inputs)
+        self._in_forward = True
+        try:
+            losses = self.losses(batched_inputs)
+        finally:
+            self._in_forward = False
+        if not self.defer_log_flush:
+            self.flush_logs()
         self._fallback_iter += 1
         return losses

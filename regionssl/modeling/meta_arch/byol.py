@@ -1,4 +1,4 @@
-"""BYOL learning rule (Grill et al. 2020; METHODS.md §7) shared by BYOL and SCRL.
+"""BYOL learning rule (Grill et al. 2020; docs/methods/byol.md) shared by BYOL and SCRL.
 
 Online network: encoder f_theta -> projector g_theta -> predictor q_theta. Target network:
 f_xi -> g_xi, an exponential moving average of (f_theta, g_theta) with no gradient. Loss on
@@ -43,7 +43,7 @@ class BYOLBase(RegionSSLBase):
 
     Target initialisation: the target (``momentum.*``) is a copy of the online encoder and
     projector, made by ``build_momentum("projector")``. Neither official code does this: SCRL's
-    ``trainer/trainer.py`` calls ``_initialize_target_network(from_online=False)`` (METHODS §1.9),
+    ``trainer/trainer.py`` calls ``_initialize_target_network(from_online=False)`` (docs/methods/scrl.md),
     and official BYOL's ``_make_initial_state`` draws target parameters from a different RNG key
     (its comment: no significant difference with the same key). We copy, as MoCo, InsLoc, ReSim,
     PixPro and SoCo do: the target is then the EMA of the online network from step 0 instead of
@@ -133,20 +133,23 @@ class BYOLBase(RegionSSLBase):
         with torch.no_grad():
             self.step_target()
         rows = images.shape[0] if self.pooler.kind == "global" else sum(len(b) for b in boxes)
-        if rows == 0:
-            # Only hand-made inputs get here: the mapper re-draws or skips pairs without a box.
-            # BatchNorm1d cannot run on 0 rows; the step adds a zero loss (zero gradient).
-            logger.warning(f"{type(self).__name__}: batch without any region pair, loss set to 0")
-            zero = sum(f.sum() for f in self.backbone(images).values()) * 0.0
-            return {f"loss_{self.loss_name}": zero}
+        # A process without any pair still runs every network on its 0 rows: their synchronised
+        # BatchNorms (SyncBN, naiveSyncBN) are collectives the other processes wait in, and DDP
+        # expects a gradient (here zero) for every parameter. Only hand-made inputs get here today:
+        # the mapper re-draws or skips pairs without a box.
         z = self.project(self, images, boxes)  # (2R, D)
         p = self.predictor(z)
         with torch.no_grad():
             z_t = self.project(self.momentum, images, boxes)
         r = z.shape[0] // 2
-        loss = self.symmetric_regression(p[:r], p[r:], z_t[:r], z_t[r:])
-        with torch.no_grad():
-            self.log(emb_std=self.embedding_std(z), num_pairs=r, momentum=self.current_momentum())
+        if rows == 0:
+            logger.warning(f"{type(self).__name__}: batch without any region pair, loss set to 0")
+            loss = p.sum() * 0.0  # zero, in the graph of every online parameter
+        else:
+            loss = self.symmetric_regression(p[:r], p[r:], z_t[:r], z_t[r:])
+            with torch.no_grad():
+                self.log(emb_std=self.embedding_std(z))
+        self.log(num_pairs=r, momentum=self.current_momentum())
         return {f"loss_{self.loss_name}": loss}
 
     def losses(self, batched_inputs):

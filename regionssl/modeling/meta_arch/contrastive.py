@@ -1,15 +1,21 @@
 """MoCo-style learning rule shared by InsLoc, MoCo-v2 and ReSim's instance branch.
 
 Query q from the online encoder, key k from the momentum encoder (shuffle-BN), negatives from
-one queue per level, loss InfoNCE with temperature T (He et al. 2020; Chen et al. 2020).
+one queue per level, loss InfoNCE with temperature T (He et al. 2020; Chen et al. 2020). With
+``MODEL.REGIONSSL.QUEUE.SIZE 0`` there is no queue: the negatives of a query are the other keys of
+the global batch, as in MoCo v3 (Chen, Xie, He, ICCV'21), so positive and negatives always come
+from the same key encoder (no stale negatives; see docs/probe.md for why small runs need it).
 """
 import torch
 import torch.nn.functional as F
 from detectron2.config import configurable
+from detectron2.utils import comm
 
-from ..encoders import shuffled_forward, split_forward
+from ...config import per_level
+from ...utils.distributed import all_gather_cat, world_size
+from ..encoders import ShufflePlan, shuffled_forward, split_forward
 from ..heads import MLP
-from ..losses import info_nce
+from ..losses import info_nce, info_nce_in_batch
 from ..queues import KeyQueues
 from .base import RegionSSLBase
 
@@ -21,7 +27,8 @@ class ContrastiveBase(RegionSSLBase):
 
     Extra args:
         projector: g, MLP from the region feature dim C to D (MoCo-v2: 2048-2048-128).
-        queue_size: K negatives per level (65536).
+        queue_size: K negatives per level (65536); 0 = no queue, the other keys of the global
+            batch are the negatives (MoCo v3).
         temperature: T (0.2).
         level_weights: w_l per level (InsLoc: all 1).
         shuffle_bn: shuffle keys across processes before the key encoder (MoCo).
@@ -40,16 +47,19 @@ class ContrastiveBase(RegionSSLBase):
         )
         self.level_weights = list(level_weights)
         self.temperature, self.shuffle_bn, self.bn_splits = temperature, shuffle_bn, bn_splits
-        self.queues = KeyQueues(len(self.levels), projector[-1].out_features, queue_size)
+        self.queues = KeyQueues(len(self.levels), projector.out_features, queue_size) if queue_size > 0 else None
 
     @classmethod
     def from_config(cls, cfg):
         args = super().from_config(cfg)
         r = cfg.MODEL.REGIONSSL
-        levels = 1 if cls.is_global else len(r.IN_FEATURES)
-        weights = list(r.LEVEL_WEIGHTS) if len(r.LEVEL_WEIGHTS) == levels else [1.0] * levels
+        if cls.is_global:
+            weights = per_level("MODEL.REGIONSSL.LEVEL_WEIGHTS", r.LEVEL_WEIGHTS, ["global"], "the image-level loss")
+        else:
+            weights = per_level("MODEL.REGIONSSL.LEVEL_WEIGHTS", r.LEVEL_WEIGHTS, r.IN_FEATURES)
         args.update(
-            projector=MLP(args["feature_dim"], r.PROJECTOR.HIDDEN_DIM, r.PROJECTOR.OUT_DIM, r.PROJECTOR.NORM),
+            projector=MLP(args["feature_dim"], r.PROJECTOR.HIDDEN_DIM, r.PROJECTOR.OUT_DIM, r.PROJECTOR.NORM,
+                          out_norm=r.PROJECTOR.OUT_NORM),
             queue_size=r.QUEUE.SIZE,
             temperature=r.TEMPERATURE,
             level_weights=weights,
@@ -64,17 +74,37 @@ class ContrastiveBase(RegionSSLBase):
         z = net.projector(regions.flatten(0, 1)).view(regions.shape[0], regions.shape[1], -1)
         return F.normalize(z, dim=-1)
 
+    def key_plan(self, images, boxes):
+        """The step's :class:`ShufflePlan` for the key batch (one host read), or None where no
+        cross-process shuffle happens. Global methods have one key row per image (no box counts)."""
+        if not self.shuffle_bn or world_size() == 1:
+            return None
+        rows = None if self.pooler.kind == "global" else [len(b) for b in boxes]
+        return ShufflePlan.draw(images.shape[0], rows, images.device)
+
+    def key_counts(self, images, plan):
+        """Key rows of every rank (host ints) if known without an exchange, else None."""
+        if plan is not None:
+            return plan.rows_per_rank()
+        return [images.shape[0]] * world_size() if self.pooler.kind == "global" else None
+
     @torch.no_grad()
-    def key_embed(self, images, boxes):
-        """Momentum-encoder embeddings (L, R, D), computed on a cross-process shuffled batch."""
+    def key_embed(self, images, boxes, plan=None):
+        """Momentum-encoder embeddings (L, R, D), computed on a cross-process shuffled batch.
+
+        ``images`` may be uint8 pixels (exchanged as such, normalised after the shuffle) or a
+        normalised batch; ``plan`` from :meth:`key_plan` (drawn inside if None).
+        """
         levels = len(self.levels)
 
         def encode(im, bx):  # rows = regions, so shuffled_forward can route them back
-            z = self.embed(self.momentum, im, bx)
+            z = self.embed(self.momentum, self.model_input(im), bx)
             return z.transpose(0, 1).reshape(z.shape[1], -1)
 
+        if self.pooler.kind == "global":
+            boxes = None  # one row per image
         if self.shuffle_bn:
-            flat = shuffled_forward(encode, images, boxes, self.bn_splits)
+            flat = shuffled_forward(encode, images, boxes, self.bn_splits, plan)
         else:
             flat = split_forward(encode, images, boxes, self.bn_splits)
         return flat.view(flat.shape[0], levels, -1).transpose(0, 1)
@@ -83,18 +113,32 @@ class ContrastiveBase(RegionSSLBase):
         """Boxes for the query per level; InsLoc overrides this for its jittered P5 box."""
         return self.view_boxes(batched_inputs, 0)
 
-    def contrastive_losses(self, q, k, prefix="contrast"):
+    def batch_coupling(self):
+        if self.queues is None:
+            return ["without a queue (QUEUE.SIZE 0) the negatives are the other keys of the (gathered) batch: "
+                    "a micro-batch has k times fewer"]
+        return []  # queue writes wait for the last micro-batch (regionssl.utils.micro_batch)
+
+    def contrastive_losses(self, q, k, prefix="contrast", key_counts=None):
         """InfoNCE per level for queries q (L, R, D) and keys k (L, R, D); enqueues k.
 
+        ``key_counts``: the key rows of every rank if known (saves a count exchange per level).
         Returns ``{f"loss_{prefix}_{level}": w_l * L_l}`` and logs accuracy, similarities,
         queue fill and embedding std per level.
         """
         losses = {}
         for l, level in enumerate(self.levels):
-            loss, logits = info_nce(q[l], k[l], self.queues.negatives(l), self.temperature)
+            if self.queues is None:  # MoCo v3: the other keys of the global batch are the negatives
+                keys, key_counts = all_gather_cat(k[l].detach(), key_counts)  # (M, D), rank order
+                start = sum(key_counts[: comm.get_rank()])
+                own = torch.arange(start, start + k.shape[1], device=keys.device)
+                loss, logits = info_nce_in_batch(q[l], keys, own, self.temperature)
+                self.log_contrast(level, logits, q[l])
+            else:
+                loss, logits = info_nce(q[l], k[l], self.queues.negatives(l), self.temperature)
+                self.log_contrast(level, logits, q[l], queue_fill=self.queues.fill_fraction(l))
+                key_counts = self.queues.enqueue(l, k[l], key_counts)  # known after the first level
             losses[f"loss_{prefix}_{level}"] = self.level_weights[l] * loss
-            self.log_contrast(level, logits, q[l], queue_fill=self.queues.fill_fraction(l))
-            self.queues.enqueue(l, k[l])
         self.log(num_pairs=q.shape[1], momentum=self.current_momentum())
         return losses
 
@@ -125,5 +169,8 @@ class ContrastiveBase(RegionSSLBase):
         q = self.query_embed(self.view_batch(batched_inputs, 0), self.query_boxes(batched_inputs))
         with torch.no_grad():
             self.update_momentum()
-            k = self.key_embed(self.view_batch(batched_inputs, 1), self.view_boxes(batched_inputs, 1))
-        return self.contrastive_losses(q, k)
+            images = self.view_pixels([d["views"][1] for d in batched_inputs])  # uint8: shuffled as such
+            boxes = self.view_boxes(batched_inputs, 1)
+            plan = self.key_plan(images, boxes)
+            k = self.key_embed(images, boxes, plan)
+        return self.contrastive_losses(q, k, key_counts=self.key_counts(images, plan))

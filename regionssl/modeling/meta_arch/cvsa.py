@@ -1,7 +1,7 @@
 """CVSA — Cross-view Saliency Alignment (Wu, Li, Zang, Li; BMVC'21, arXiv 2106.15788).
 
-No official code exists (METHODS.md §3); this file is the reference implementation. What
-follows the paper and what is ours is listed in ``docs/cvsa.md``. In short:
+No official code exists (docs/methods/cvsa.md); this file is the reference implementation. What
+follows the paper and what is ours is listed in ``docs/methods/cvsa.md``. In short:
 
 * stage 1 is plain BYOL (``configs/byol.yaml``); stage 2 (this model) starts from that checkpoint
   (``MODEL.WEIGHTS``) and trains on ``SaliencySwap`` views (``regionssl/data/saliency.py``);
@@ -26,6 +26,7 @@ from detectron2.layers import get_norm
 from detectron2.modeling import META_ARCH_REGISTRY
 from torch import nn
 
+from ...utils.distributed import to_device
 from ..losses import cross_view_attention, saliency_alignment
 from .byol import BYOLBase
 
@@ -96,7 +97,7 @@ class CVSA(BYOLBase):
                 "CVSA needs saliency masks in its inputs: set INPUT.REGIONSSL.VIEW_GENERATOR 'SaliencySwap'"
             )
         masks = [torch.stack([d["masks"][v] for d in batched_inputs]) for v in (0, 1)]
-        return torch.cat(masks).to(self.device, dtype=torch.float32)[:, None]
+        return to_device(torch.cat(masks), self.device).float()[:, None]  # one non-blocking copy
 
     @staticmethod
     def mask_targets(masks, size):
@@ -109,17 +110,17 @@ class CVSA(BYOLBase):
         Row i < N is view 0 of image i, row N + i its view 1.
         """
         n = q.shape[0] // 2
-        total, valid_maps, on_mask = 0.0, 0, 0.0
+        total, valid_maps, on_mask = 0.0, 0.0, 0.0
         for qs, ks in ((slice(0, n), slice(n, 2 * n)), (slice(n, 2 * n), slice(0, n))):
             a_q, a_k = cross_view_attention(q[qs], k[ks], self.align_temperature)
             l_q, v_q = saliency_alignment(a_q, masks[qs])
             l_k, v_k = saliency_alignment(a_k, masks[ks])
             total = total + (l_q + l_k) / 2
-            with torch.no_grad():
+            with torch.no_grad():  # tensors: read with the step's other scalars, no sync here
                 for a, m, v in ((a_q, masks[qs], v_q), (a_k, masks[ks], v_k)):
-                    valid_maps += int(v.sum())
-                    on_mask += float(((a * (m > 0)).sum(1) * v).sum())
-        self.log(align_pairs=valid_maps, attn_on_mask=on_mask / max(valid_maps, 1))
+                    valid_maps = valid_maps + v.float().sum()
+                    on_mask = on_mask + ((a * (m > 0)).sum(1) * v).sum()
+        self.log(align_pairs=valid_maps, attn_on_mask=on_mask / valid_maps.clamp(min=1))
         return total
 
     def losses(self, batched_inputs):

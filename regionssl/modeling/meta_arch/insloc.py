@@ -1,4 +1,4 @@
-"""InsLoc: Instance Localization (Yang et al., CVPR'21), METHODS.md §4.
+"""InsLoc: Instance Localization (Yang et al., CVPR'21), docs/methods/insloc.md.
 
 Views are InsLoc's copy-paste composites (``CopyPaste`` + ``PastedBox``): view 0 gives the query,
 view 1 the key, each a 256x256 canvas with one pasted foreground box (R = 1 box per image).

@@ -1,4 +1,4 @@
-"""ReSim: Region Similarity Representation Learning (Xiao et al., ICCV'21), METHODS.md §6.
+"""ReSim: Region Similarity Representation Learning (Xiao et al., ICCV'21), docs/methods/resim.md.
 
 Two views with one shared flip (``TwoCropsSharedFlip``); sliding windows laid on the query view
 (``SlidingWindows``: group g <-> ``MODEL.REGIONSSL.IN_FEATURES[g]``) and moved into the key view;
@@ -43,8 +43,9 @@ import torch.nn.functional as F
 from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
 
-from ...utils.distributed import all_gather_cat
-from ..encoders import RegionPooler, build_trunk, shuffled_forward
+from ...config import per_level
+from ...utils.distributed import all_gather_cat, to_device, world_size
+from ..encoders import RegionPooler, boxes_to_rois, build_trunk, shuffled_forward
 from ..heads import MLP
 from ..losses import info_nce
 from ..prroi_pool import prroi_pool_1x1
@@ -69,16 +70,19 @@ def features_with_bottom_up(backbone, images):
 
 
 def window_rois(batched_inputs, group, view, device):
-    """(R, 5) rows ``[image index, x1, y1, x2, y2]`` (view pixels) of the valid windows of ``group``.
+    """(R, 5) rows ``[image index, x1, y1, x2, y2]`` (view pixels) of the valid windows of ``group``,
+    grouped by image, and the list of R_i per image (host ints).
 
     Rows are in the same order for every ``view``, so row r of view 0 and of view 1 is one pair.
+    Built on the host from the loader's tensors and moved in one non-blocking copy (no sync).
     """
     rows = []
     for i, d in enumerate(batched_inputs):
         sel = d["valid"] & (d["box_groups"] == group)
         b = d["boxes"][view][sel].float()
         rows.append(torch.cat([b.new_full((len(b), 1), float(i)), b], dim=1))
-    return torch.cat(rows).to(device) if rows else torch.zeros(0, 5, device=device)
+    rois = torch.cat(rows) if rows else torch.zeros(0, 5)
+    return to_device(rois, device), [len(r) for r in rows]
 
 
 @torch.no_grad()
@@ -86,7 +90,8 @@ def pooled_negatives(key_map, kernel, gather):
     """ReSim's negatives: the key map average-pooled ``kernel x kernel`` (stride 1, no padding).
 
     Args:
-        key_map: (N, C, H, W) momentum-encoder map of one level.
+        key_map: (N, C, H, W) momentum-encoder map of one level (N and map size equal on every
+            process, so the gather needs no count exchange).
         gather: concatenate the negatives of every process (rank order), else local only.
     Returns:
         (C, K) L2-normalised columns, K = N (H - k + 1)(W - k + 1) [x world size if gather];
@@ -95,11 +100,12 @@ def pooled_negatives(key_map, kernel, gather):
     pooled = F.avg_pool2d(key_map.float(), kernel, stride=1)  # (N, C, h, w)
     flat = F.normalize(pooled, dim=1).permute(0, 2, 3, 1).reshape(-1, pooled.shape[1])  # (N h w, C)
     if gather:
-        flat, _ = all_gather_cat(flat.contiguous())
+        flat, _ = all_gather_cat(flat.contiguous(), [flat.shape[0]] * world_size())
     return flat.t()
 
 
-def region_similarity_loss(query_map, key_map, rois_q, rois_k, negatives, spatial_scale, temperature):
+def region_similarity_loss(query_map, key_map, rois_q, rois_k, negatives, spatial_scale, temperature,
+                           rows_per_image=None):
     """InfoNCE of window pairs against key-map negatives (one level).
 
     Args:
@@ -107,12 +113,14 @@ def region_similarity_loss(query_map, key_map, rois_q, rois_k, negatives, spatia
         rois_q, rois_k: (R, 5) paired windows, ``[image, x1, y1, x2, y2]`` in view pixels, R > 0.
         negatives: (C, K) from :func:`pooled_negatives`.
         spatial_scale: 1 / stride of the level.
+        rows_per_image: windows per image (host ints) when the rows are grouped by image, as
+            :func:`window_rois` makes them (saves :func:`prroi_pool_1x1` a host read).
     Returns:
         loss (mean over the R windows), logits (R, 1 + K), queries (R, C).
     """
-    q = F.normalize(prroi_pool_1x1(query_map, rois_q, spatial_scale), dim=1)  # (R, C)
+    q = F.normalize(prroi_pool_1x1(query_map, rois_q, spatial_scale, rows_per_image), dim=1)  # (R, C)
     with torch.no_grad():
-        k = F.normalize(prroi_pool_1x1(key_map, rois_k, spatial_scale), dim=1)  # (R, C)
+        k = F.normalize(prroi_pool_1x1(key_map, rois_k, spatial_scale, rows_per_image), dim=1)  # (R, C)
     loss, logits = info_nce(q, k, negatives, temperature)
     return loss, logits, q
 
@@ -161,11 +169,9 @@ class ReSim(ContrastiveBase):
         shapes = backbone.output_shape()
         missing = [f for f in levels if f not in shapes]
         assert not missing, f"MODEL.REGIONSSL.IN_FEATURES {missing} not produced by the backbone ({list(shapes)})"
-        n = len(levels)
-        if cfg.INPUT.REGIONSSL.REGION_SAMPLER == "SlidingWindows":
-            assert len(cfg.INPUT.REGIONSSL.WINDOWS.SIZES) == n, "one window set (group g) per IN_FEATURES[g]"
-        gather = list(r.RESIM.GATHER_NEGATIVES)
-        assert len(gather) == n, f"MODEL.REGIONSSL.RESIM.GATHER_NEGATIVES needs {n} entries, got {gather}"
+        if cfg.INPUT.REGIONSSL.REGION_SAMPLER == "SlidingWindows":  # window group g <-> IN_FEATURES[g]
+            per_level("INPUT.REGIONSSL.WINDOWS.SIZES", cfg.INPUT.REGIONSSL.WINDOWS.SIZES, levels)
+        gather = per_level("MODEL.REGIONSSL.RESIM.GATHER_NEGATIVES", r.RESIM.GATHER_NEGATIVES, levels)
         return {
             "backbone": backbone,
             "roi_heads": roi_heads,
@@ -176,14 +182,15 @@ class ReSim(ContrastiveBase):
             "momentum_base": r.MOMENTUM.BASE,
             "momentum_schedule": r.MOMENTUM.SCHEDULE,
             "feature_dim": inst_dim,
-            "projector": MLP(inst_dim, r.PROJECTOR.HIDDEN_DIM, r.PROJECTOR.OUT_DIM, r.PROJECTOR.NORM),
+            "projector": MLP(inst_dim, r.PROJECTOR.HIDDEN_DIM, r.PROJECTOR.OUT_DIM, r.PROJECTOR.NORM,
+                             out_norm=r.PROJECTOR.OUT_NORM),
             "queue_size": r.QUEUE.SIZE,
             "temperature": r.TEMPERATURE,
             "level_weights": [r.RESIM.INSTANCE_WEIGHT],
             "shuffle_bn": r.SHUFFLE_BN,
             "region_features": levels,
             "region_strides": [shapes[f].stride for f in levels],
-            "region_weights": list(r.LEVEL_WEIGHTS) if len(r.LEVEL_WEIGHTS) == n else [1.0] * n,
+            "region_weights": per_level("MODEL.REGIONSSL.LEVEL_WEIGHTS", r.LEVEL_WEIGHTS, levels),
             "gather_negatives": gather,
             "negative_pool": r.RESIM.NEGATIVE_POOL,
         }
@@ -207,26 +214,28 @@ class ReSim(ContrastiveBase):
     def key_features(self, images):
         """Momentum encoder on the key views, through shuffle-BN.
 
+        ``images``: uint8 pixels (exchanged as such and normalised after the shuffle) or a
+        normalised batch. Each image's key and maps go back to the rank that owns it only, in the
+        dtype they were computed in (fp16 maps under AMP).
+
         Returns:
             k: (1, N, D) instance keys; maps: {level: (N, C, H_l, W_l)} key maps, in input order.
         """
-        shapes = {}
 
         def encode(im, _boxes):  # one row per image, so shuffled_forward routes it back
-            feats = self.trunk_features(self.momentum, im)
-            maps = [feats[f] for f in self.region_features]
-            shapes.update({f: m.shape[1:] for f, m in zip(self.region_features, maps)})
-            k = self.instance_embedding(self.momentum, feats)[0]
-            return torch.cat([k.float()] + [m.float().flatten(1) for m in maps], dim=1)  # (N, D + sum CHW)
+            feats = self.trunk_features(self.momentum, self.model_input(im))
+            k = self.instance_embedding(self.momentum, feats)[0]  # (N, D)
+            return (k,) + tuple(feats[f] for f in self.region_features)
 
         if self.shuffle_bn:
-            dummy = [images.new_zeros((1, 4)) for _ in range(len(images))]
-            flat = shuffled_forward(encode, images, dummy)
+            k, *maps = shuffled_forward(encode, images, None)
         else:
-            flat = encode(images, None)
-        sizes = [flat.shape[1] - sum(s.numel() for s in shapes.values())] + [shapes[f].numel() for f in self.region_features]
-        k, *maps = torch.split(flat, sizes, dim=1)
-        return k[None], {f: m.view(-1, *shapes[f]) for f, m in zip(self.region_features, maps)}
+            k, *maps = encode(images, None)
+        return k[None], dict(zip(self.region_features, maps))
+
+    def batch_coupling(self):
+        return super().batch_coupling() + ["the region negatives are the key maps of the (gathered) batch: a micro-batch has k times fewer, "
+                "and the loss averages over the batch's valid windows, whose number varies per image"]
 
     # ---------------------------------------------------------------- losses
     def region_losses(self, batched_inputs, query_maps, key_maps):
@@ -239,14 +248,15 @@ class ReSim(ContrastiveBase):
         losses = {}
         for g, (level, stride) in enumerate(zip(self.region_features, self.region_strides)):
             negatives = pooled_negatives(key_maps[level], self.negative_pool, self.gather_negatives[g])  # (C, K)
-            rois_q = window_rois(batched_inputs, g, 0, self.device)
-            rois_k = window_rois(batched_inputs, g, 1, self.device)
+            rois_q, per_image = window_rois(batched_inputs, g, 0, self.device)
+            rois_k, _ = window_rois(batched_inputs, g, 1, self.device)
             if len(rois_q) == 0:
                 losses[f"loss_region_{level}"] = query_maps[level].sum() * 0.0
                 self.log(**{f"num_pairs_{level}": 0})
                 continue
             loss, logits, q = region_similarity_loss(
-                query_maps[level], key_maps[level], rois_q, rois_k, negatives, 1.0 / stride, self.temperature
+                query_maps[level], key_maps[level], rois_q, rois_k, negatives, 1.0 / stride, self.temperature,
+                per_image,
             )
             losses[f"loss_region_{level}"] = self.region_weights[g] * loss
             self.log_contrast(level, logits, q, num_pairs=len(rois_q), num_neg=negatives.shape[1])
@@ -257,13 +267,14 @@ class ReSim(ContrastiveBase):
         q = self.instance_embedding(self, query)
         with torch.no_grad():
             self.update_momentum()
-            k, key_maps = self.key_features(self.view_batch(batched_inputs, 1))
-        (instance,) = self.contrastive_losses(q, k).values()  # already weighted by w_inst
+            k, key_maps = self.key_features(self.view_pixels([d["views"][1] for d in batched_inputs]))
+        counts = [k.shape[1]] * world_size()  # one key per image, N on every rank
+        (instance,) = self.contrastive_losses(q, k, key_counts=counts).values()  # already weighted by w_inst
         return {"loss_instance": instance, **self.region_losses(batched_inputs, query, key_maps)}
 
     def region_embedding(self, images, boxes):
         """Online PrRoIPool 1x1 features of ``boxes`` averaged over the region levels: (sum R_i, C)."""
         feats = self.trunk_features(self, images)
-        rois = torch.cat([torch.cat([b.new_full((len(b), 1), float(i)), b], 1) for i, b in enumerate(boxes)])
-        pooled = [prroi_pool_1x1(feats[f], rois, 1.0 / s) for f, s in zip(self.region_features, self.region_strides)]
+        rois, counts = boxes_to_rois(boxes), [len(b) for b in boxes]
+        pooled = [prroi_pool_1x1(feats[f], rois, 1.0 / s, counts) for f, s in zip(self.region_features, self.region_strides)]
         return torch.stack(pooled).mean(dim=0)

@@ -1,9 +1,9 @@
-"""SCRL — Spatially Consistent Representation Learning (Roh et al., CVPR 2021; METHODS.md §2).
+"""SCRL — Spatially Consistent Representation Learning (Roh et al., CVPR 2021; docs/methods/scrl.md).
 
 BYOL's regression applied to matched boxes instead of whole views (official ``kakaobrain/scrl``,
 ``models/backbone.py``, ``trainer/base.py``):
 
-* boxes: ``IntersectionBoxes`` in the mapper (METHODS §2.2): up to 10 random boxes inside the two
+* boxes: ``IntersectionBoxes`` in the mapper (``models/box_generator.py``): up to 10 random boxes inside the two
   views' intersection, row i of view 0 and of view 1 covering the same original pixels; only rows
   with ``valid`` are used; an image contributes as many pairs as it has valid rows.
 * features: RoIAlign of each box on res5 (stride 32), output 1x1, adaptive sampling
@@ -34,6 +34,10 @@ class SCRL(BYOLBase):
     """BYOL on RoIAligned res5 box features of spatially matched boxes (see module docstring)."""
 
     loss_name = "scrl"
+
+    def batch_coupling(self):
+        return ["the loss averages over the matched boxes of the batch and images have different numbers "
+                "of boxes: the mean of micro-batch means weighs boxes differently from the batch mean"]
 
     @classmethod
     def from_config(cls, cfg):

@@ -1,4 +1,4 @@
-"""SwAV: Swapping Assignments between Views (Caron et al., NeurIPS'20), METHODS.md §5.
+"""SwAV: Swapping Assignments between Views (Caron et al., NeurIPS'20), docs/methods/swav.md.
 
 Each crop v of an image is embedded, ``z_v = normalize(g(avgpool(res5(x_v))))`` (g: MLP
 2048-2048(BN, ReLU)-128), and scored against K_c prototypes ``C`` (``nn.Linear(128, K_c, bias=False)``,
@@ -47,12 +47,18 @@ from detectron2.utils import comm
 from torch import nn
 
 from ...utils.distributed import all_gather_cat
+from ...utils.micro_batch import is_first_micro_batch, rows_at_step_end
 from ..encoders import RegionPooler
 from ..heads import MLP
 from ..sinkhorn import sinkhorn_knopp, swav_loss
 from .base import RegionSSLBase
 
 __all__ = ["SwAV"]
+
+
+def _forget_host_queue_fill(module, *args):
+    """load_state_dict pre-hook: the loaded ``queue_fill`` replaces the host copy."""
+    module._queue_fill_host = None
 
 
 @META_ARCH_REGISTRY.register()
@@ -79,7 +85,7 @@ class SwAV(RegionSSLBase):
         super().__init__(**kwargs)
         assert self.pooler.kind == "global", "SwAV needs a ResNet backbone (res5), not an FPN"
         self.projector = projector
-        dim = projector[-1].out_features
+        dim = projector.out_features
         self.prototypes = nn.Linear(dim, num_prototypes, bias=False)
         self.normalize_prototypes()  # unit rows from the start: frozen prototypes never move
         self.temperature, self.epsilon, self.sinkhorn_iters = temperature, epsilon, sinkhorn_iters
@@ -89,6 +95,11 @@ class SwAV(RegionSSLBase):
         # (|S|, L, D) embeddings of the assigned crops, newest first; identical on every rank.
         self.register_buffer("queue", torch.zeros(len(self.crops_for_assign), queue_length, dim))
         self.register_buffer("queue_fill", torch.zeros((), dtype=torch.long))  # rows written (<= L)
+        # Host copy of queue_fill, so deciding to use the queue needs no GPU sync each step: 0 at
+        # construction, read once after loading (the load hook forgets it), then kept in step.
+        # The buffer is written only here and by load_state_dict.
+        self._queue_fill_host = 0
+        self._register_load_state_dict_pre_hook(_forget_host_queue_fill, with_module=True)
         self.region_pooler = region_pooler
 
     @classmethod
@@ -116,12 +127,23 @@ class SwAV(RegionSSLBase):
         )
         return args
 
+    def batch_coupling(self):
+        return ["Sinkhorn-Knopp spreads the codes of the batch (and queue) evenly over the prototypes: "
+                "the codes of a micro-batch of B/k differ from those the same images get in a batch of B"]
+
     # ---------------------------------------------------------------- prototypes
+    def needs_find_unused_parameters(self):
+        """True while prototypes can be frozen: their scores then use ``C.detach()``, so the weight is
+        unused on those steps (DDP leaves its ``.grad`` None and the optimizer skips it)."""
+        return self.freeze_prototypes_iters > 0
+
     def prototypes_frozen(self):
         return self.iteration < self.freeze_prototypes_iters
 
     @torch.no_grad()
     def normalize_prototypes(self):
+        if not is_first_micro_batch():  # once per optimizer step; the weights did not change since
+            return
         w = self.prototypes.weight
         w.copy_(F.normalize(w, dim=1))
 
@@ -134,19 +156,31 @@ class SwAV(RegionSSLBase):
             return F.linear(z.float(), w.float())
 
     # ---------------------------------------------------------------- queue
+    def queue_rows_written(self):
+        """``queue_fill`` as a host int (read from the device once after loading a state)."""
+        if self._queue_fill_host is None:
+            self._queue_fill_host = int(self.queue_fill)
+        return self._queue_fill_host
+
     def queue_ready(self):
-        return self.queue_length > 0 and int(self.queue_fill) >= self.queue_length
+        return self.queue_length > 0 and self.queue_rows_written() >= self.queue_length
 
     @torch.no_grad()
     def _queue_scores(self, i):
-        """Scores (L_r, K_c) of this rank's disjoint slice of queue ``i`` (see module docstring)."""
+        """Scores (L_r, K_c) of this rank's disjoint slice of queue ``i`` (see module docstring).
+
+        float32 with autocast off, like the batch rows' scores: under AMP an fp16 product would be
+        off by ~1e-3, i.e. ~0.01 after Sinkhorn's division by eps.
+        """
         rows = torch.tensor_split(self.queue[i], comm.get_world_size())[comm.get_rank()]
-        return F.linear(rows.float(), self.prototypes.weight.float())
+        with torch.autocast(device_type=rows.device.type, enabled=False):
+            return F.linear(rows.float(), self.prototypes.weight.float())
 
     @torch.no_grad()
     def _enqueue(self, i, z):
         """Write the global batch's rows (all-gathered z: (N, D)) at the front of queue ``i``."""
-        gathered, _ = all_gather_cat(z.detach().to(self.queue.dtype))  # (B, D), rank order
+        counts = [z.shape[0]] * comm.get_world_size()  # N images on every rank: no count exchange
+        gathered, _ = all_gather_cat(z.detach().to(self.queue.dtype), counts)  # (B, D), rank order
         self.queue[i] = torch.cat([gathered, self.queue[i]])[: self.queue_length]
         return gathered.shape[0]
 
@@ -169,10 +203,12 @@ class SwAV(RegionSSLBase):
             if use_queue:
                 out = torch.cat([self._queue_scores(i), out])  # (L_r + N, K_c)
             codes.append(sinkhorn_knopp(out, self.epsilon, self.sinkhorn_iters)[-n:])
-            if write:
-                written = self._enqueue(i, z[s])
+            rows = rows_at_step_end(self, i, z[s].detach()) if write else None  # once per optimizer step
+            if rows is not None:
+                written = self._enqueue(i, rows)
         if write:
-            self.queue_fill.add_(written).clamp_(max=self.queue_length)
+            self._queue_fill_host = min(self.queue_rows_written() + written, self.queue_length)
+            self.queue_fill.fill_(self._queue_fill_host)
         return codes
 
     def swapped_prediction(self, z):
@@ -219,12 +255,12 @@ class SwAV(RegionSSLBase):
             self.log(num_pairs=zr.shape[1], emb_std_region=self.embedding_std(zr[0]))
         with torch.no_grad():
             q = codes[0]
-            usage = torch.unique(q.argmax(dim=1)).numel() / q.shape[1]
+            used = q.new_zeros(q.shape[1]).index_fill_(0, q.argmax(dim=1), 1.0)  # no unique(): no sync
             self.log(
                 code_entropy=-(q * q.clamp_min(1e-12).log()).sum(dim=1).mean(),  # nats, <= ln K_c
-                proto_usage=usage,  # fraction of prototypes that are some local sample's argmax code
+                proto_usage=used.mean(),  # fraction of prototypes that are some local sample's argmax code
                 emb_std=self.embedding_std(z[0]),
-                queue_fill=float(self.queue_fill) / self.queue_length if self.queue_length else 0.0,
+                queue_fill=self.queue_rows_written() / self.queue_length if self.queue_length else 0.0,
                 num_crops=z.shape[0],
                 prototypes_frozen=float(self.prototypes_frozen()),
             )
