@@ -22,7 +22,8 @@ import re
 from .utils.files import file_sha1
 
 __all__ = [
-    "METRICS", "ModelSpec", "TransferError", "parse_model_spec", "config_identity", "check_run_identity",
+    "METRICS", "ModelSpec", "TransferError", "parse_model_spec", "config_identity", "config_differences",
+    "check_run_identity",
     "read_eval_metrics", "read_timings", "summarize", "markdown_table", "plot_summary", "file_sha1",
 ]
 
@@ -82,14 +83,20 @@ def parse_model_spec(text):
 
 
 def config_identity(cfg_text, weights_sha1=None):
-    """What makes two runs the same: the resolved config text and the weights' checksum."""
+    """What makes two runs the same: the resolved config (compared key by key, see
+    ``config_differences``) and the weights' checksum; ``hash`` summarises both."""
     ident = {"config": cfg_text, "weights_sha1": weights_sha1}
     ident["hash"] = hashlib.sha1(json.dumps(ident, sort_keys=True).encode()).hexdigest()
     return ident
 
 
-def _first_differences(old_text, new_text, limit=3):
-    """Up to ``limit`` 'KEY: old -> new' strings between two dumped configs (flattened YAML)."""
+def config_differences(old_text, new_text):
+    """'KEY: old -> new' for every key that both dumped configs have, with different values.
+
+    A key only one side has is not a difference: a config key added to the code later keeps the
+    old behaviour at its default (the project's rule for new keys), so runs made before it remain
+    valid.
+    """
     import yaml
 
     def flat(node, prefix=""):
@@ -101,8 +108,7 @@ def _first_differences(old_text, new_text, limit=3):
         return {prefix[:-1]: node}
 
     a, b = flat(yaml.safe_load(old_text) or {}), flat(yaml.safe_load(new_text) or {})
-    keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
-    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in keys[:limit]]
+    return [f"{k}: {a[k]!r} -> {b[k]!r}" for k in sorted(set(a) & set(b)) if a[k] != b[k]]
 
 
 def check_run_identity(run_dir, identity, check_weights=True):
@@ -122,10 +128,11 @@ def check_run_identity(run_dir, identity, check_weights=True):
                             "give another --output or remove it.")
     with open(path) as f:
         old = json.load(f)
-    if old.get("config") != identity["config"]:
-        diff = "; ".join(_first_differences(old.get("config", ""), identity["config"])) or "config text differs"
-        raise TransferError(f"Run directory {run_dir!r} was made from a different config ({diff}); nothing was "
-                            "overwritten. Give another --output, or remove that directory to redo the run.")
+    diff = config_differences(old.get("config", ""), identity["config"])
+    if diff:
+        more = f" and {len(diff) - 3} more" if len(diff) > 3 else ""
+        raise TransferError(f"Run directory {run_dir!r} was made from a different config ({'; '.join(diff[:3])}{more}); "
+                            "nothing was overwritten. Give another --output, or remove that directory to redo the run.")
     if check_weights and old.get("weights_sha1") != identity["weights_sha1"]:
         raise TransferError(f"Run directory {run_dir!r} was fine-tuned from different weights (checksum "
                             f"{old.get('weights_sha1')} vs {identity['weights_sha1']}); nothing was overwritten. "

@@ -134,6 +134,9 @@ def test_run_identity_compares_config_and_weights(tmp_path):
         transfer.check_run_identity(str(run_dir), other)
     with pytest.raises(transfer.TransferError, match="MAX_ITER: 5 -> 6"):
         transfer.check_run_identity(str(run_dir), transfer.config_identity("SOLVER:\n  MAX_ITER: 6\n", "abc"))
+    # a key the code gained since (at its default) does not invalidate the run
+    newer = transfer.config_identity("SOLVER:\n  MAX_ITER: 5\n  NEW_KEY: 1\n", "abc")
+    assert transfer.check_run_identity(str(run_dir), newer) == "same"
 
 
 def test_missing_checkpoint_stops_naming_it(tmp_path):
