@@ -31,6 +31,16 @@ BENCHMARKS = {
         ["--batch", "2", "--size", "128", "--rounds", "3", "--warmup", "1", "--threads", "1"],
         ["--batch", "4", "--size", "224", "--rounds", "11", "--threads", "1"],
     ),
+    # the miniature transfer protocol; short: its model and sizes on the tiny synthetic COCO set (no
+    # build step), full: on regionssl_minidet (python tools/build_detection_set.py first)
+    "finetune_cost": (
+        "finetune_cost.py",
+        ["--config-file", "configs/finetune/minidet_mask_rcnn_R_50_FPN_mini.yaml", "--threads", "1", "--rounds", "1",
+         "--iters", "2", "--images", "4", "DATASETS.TRAIN", "('regionssl_tiny_coco_train',)",
+         "DATASETS.TEST", "('regionssl_tiny_coco_val',)", "INPUT.MASK_FORMAT", "polygon"],
+        ["--config-file", "configs/finetune/minidet_mask_rcnn_R_50_FPN_mini.yaml", "--threads", "1", "--rounds", "2",
+         "--iters", "3", "--images", "8"],
+    ),
 }
 
 

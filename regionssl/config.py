@@ -311,3 +311,23 @@ def _add_test_keys(cfg):
     t.MLFLOW.EXPERIMENT = "regionssl"
     # Run name ("" = the last component of OUTPUT_DIR); the run id is kept in OUTPUT_DIR/mlflow_run_id.
     t.MLFLOW.RUN_NAME = ""
+
+    t.GUARD = CN()
+    # Watch the losses and diagnostics the model logs and warn when the run collapses or stalls.
+    t.GUARD.ENABLED = True
+    # Also stop the run then (TrainingCollapsed, as Detectron2 stops on a non-finite loss).
+    t.GUARD.STOP = False
+    # First iteration checked; -1 = max(SOLVER.WARMUP_ITERS, min(1000, SOLVER.MAX_ITER // 5)).
+    t.GUARD.START_ITER = -1
+    # Check every this many iterations.
+    t.GUARD.PERIOD = 20
+    # Every signal is its median over the last this many iterations (one noisy step cannot trigger).
+    t.GUARD.WINDOW = 20
+    # Collapse: embedding std below this fraction of 1/sqrt(D), the std of uniformly spread D-dim unit vectors.
+    t.GUARD.MIN_EMB_STD_FRACTION = 0.05
+    # Stall: loss / weight not below its chance level (InfoNCE ln(K+1), SwAV ln K_c) by this many nats.
+    t.GUARD.MIN_CHANCE_MARGIN = 0.05
+    # Stall: mean positive cosine similarity not above the mean negative one by this much.
+    t.GUARD.MIN_SIM_GAP = 0.01
+    # A condition that persists is warned about again only after this many iterations.
+    t.GUARD.REPEAT_PERIOD = 1000

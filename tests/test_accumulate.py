@@ -26,6 +26,7 @@ RECIPE_WORLD_SIZE = {  # GPUs of each official recipe
     "mocov2": 8, "insloc_fpn": 8, "insloc_c4": 8, "resim_fpn": 8, "resim_c4": 8,  # 8 x 32
     "scrl": 32, "byol": 32, "cvsa": 32,  # SCRL 32 x 256; BYOL 4096 = 32 x 128
     "swav": 4, "swav_region": 4,  # swav_200ep_bs256_pretrain.sh: 4 x 64
+    "minidet_mask_rcnn_R_50_FPN_mini": 0,  # the CPU miniature protocol: batch 4 for any process count
 }
 
 
@@ -39,7 +40,7 @@ def test_recipes_declare_their_world_size(path):
         return  # input contract only, no solver
     expected = RECIPE_WORLD_SIZE.get(name, 8)  # Detectron2 fine-tuning: 8 GPUs x 2 images
     assert cfg.SOLVER.REFERENCE_WORLD_SIZE == expected
-    assert cfg.SOLVER.IMS_PER_BATCH % expected == 0
+    assert expected == 0 or cfg.SOLVER.IMS_PER_BATCH % expected == 0
 
 
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(QS, "*.yaml"))), ids=os.path.basename)

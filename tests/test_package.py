@@ -19,7 +19,7 @@ def _pyproject():
 
 def _dist(requirement):
     """Normalised distribution name of a requirement string."""
-    return re.split(r"[<>=!~;\[ ]", requirement, maxsplit=1)[0].lower().replace("_", "-")
+    return re.split(r"[<>=!~;\[ ]", requirement.strip(), maxsplit=1)[0].lower().replace("_", "-")
 
 
 def test_one_version():

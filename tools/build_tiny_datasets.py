@@ -16,16 +16,13 @@ Test and demo data, not part of the ``regionssl`` package: the tests register th
 Default root: $REGIONSSL_DATASETS, else $DETECTRON2_DATASETS/regionssl_tiny, else
 <repo>/datasets/regionssl_tiny. Registered sets build on first use (not at registration time);
 building is deterministic (seeded ``numpy`` generators) and safe when several processes ask for it
-at once (file lock + build in a temporary folder + atomic rename). Running this script is only
-needed to inspect the data or to prepare a shared, read-only copy.
+at once (``regionssl.data.atomic.build_once``: file lock, build in a temporary folder, rename).
+Running this script is only needed to inspect the data or to prepare a shared, read-only copy.
 """
 import argparse
-import contextlib
 import json
 import os
-import shutil
 import sys
-import tempfile
 
 import cv2
 import numpy as np
@@ -35,6 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 from detectron2.data import DatasetCatalog, MetadataCatalog  # noqa: E402
 from detectron2.data.datasets import register_coco_instances, register_pascal_voc  # noqa: E402
 
+from regionssl.data.atomic import build_once  # noqa: E402
 from regionssl.data.demo_images import demo_image_files, register_demo_images  # noqa: E402
 
 __all__ = [
@@ -273,61 +271,22 @@ def build_tiny_voc(root):
     return out
 
 
-def _is_built(root):
-    try:
-        with open(os.path.join(root, "VERSION")) as f:
-            return f.read().strip() == _VERSION
-    except OSError:
-        return False
-
-
-@contextlib.contextmanager
-def _file_lock(path):
-    """Exclusive inter-process lock (POSIX flock); a no-op where fcntl is unavailable."""
-    try:
-        import fcntl
-    except ImportError:  # Windows: the atomic rename below still prevents torn folders
-        yield
-        return
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def ensure_tiny_datasets(root=None, force=False):
     """Build both tiny sets under ``root`` unless a complete build of this version is there.
 
-    Idempotent and safe under concurrency: the build happens in a temporary sibling folder which is
-    renamed into place only when complete (the ``VERSION`` stamp is written last), under a lock.
+    Idempotent and safe under concurrency (``regionssl.data.atomic.build_once``: lock, temporary
+    folder, rename; the ``VERSION`` stamp is written last).
 
     Returns:
         str: the root folder.
     """
     root = os.path.abspath(root or default_root())
-    if _is_built(root) and not force:
-        return root
-    parent = os.path.dirname(root)
-    os.makedirs(parent, exist_ok=True)
-    with _file_lock(os.path.join(parent, "." + os.path.basename(root) + ".lock")):
-        if _is_built(root) and not force:  # another process finished while we waited
-            return root
-        tmp = tempfile.mkdtemp(prefix="." + os.path.basename(root) + ".tmp-", dir=parent)
-        try:
-            os.chmod(tmp, 0o755)  # mkdtemp makes it private; the data is meant to be shared
-            build_tiny_coco(tmp)
-            build_tiny_voc(tmp)
-            with open(os.path.join(tmp, "VERSION"), "w") as f:
-                f.write(_VERSION + "\n")
-            if os.path.lexists(root):  # stale, partial or forced: move aside, then delete
-                old = tempfile.mkdtemp(prefix="." + os.path.basename(root) + ".old-", dir=parent)
-                os.replace(root, os.path.join(old, "x"))
-                shutil.rmtree(old, ignore_errors=True)
-            os.replace(tmp, root)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+
+    def build(folder):
+        build_tiny_coco(folder)
+        build_tiny_voc(folder)
+
+    build_once(root, _VERSION, build, force=force)
     return root
 
 

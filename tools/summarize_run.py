@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Print the outcome of a pretrain -> fine-tune run: box/mask AP and where everything was written."""
+"""Print the outcome of a pretrain -> fine-tune run: box/mask AP (beside random init when given a
+tools/transfer.py result) and where everything was written."""
 import argparse
 import glob
 import json
@@ -22,14 +23,59 @@ def last_metrics(output_dir):
     return merged, path
 
 
+def transfer_rows(path):
+    """(name, kind, results of seed 0 or the first seed) per model of a tools/transfer.py JSON."""
+    with open(path) as f:
+        data = json.load(f)
+    rows = []
+    for m in data["models"]:
+        first = next(iter(m["runs"].values()))
+        rows.append((m["name"], m["kind"], first["results"], first["seed"]))
+    return rows, data
+
+
+def _ap(results, kind):
+    v = results.get(kind, {}).get("AP")
+    return None if v is None or (isinstance(v, float) and math.isnan(v)) else v
+
+
+def print_comparison(rows):
+    """Fine-tuned AP of each model, then what the pretrained model gained over random init."""
+    labels = [f"{name} (seed {seed})" if kind != "random" else f"random init (seed {seed})"
+              for name, kind, _, seed in rows]
+    width = max(len(label) for label in labels)
+    print(f"{'fine-tuned from':{width}s}  box AP (AP50, AP75)    mask AP (AP50, AP75)")
+    for label, (name, kind, res, seed) in zip(labels, rows):
+        cells = []
+        for k in ("bbox", "segm"):
+            ap = _ap(res, k)
+            cells.append("missing" if ap is None else
+                         f"{ap:6.2f} ({res[k].get('AP50', float('nan')):.1f}, {res[k].get('AP75', float('nan')):.1f})")
+        print(f"{label:{width}s}  {cells[0]:22s} {cells[1]}")
+    base = next((r for r in rows if r[1] == "random"), None)
+    for name, kind, res, _ in rows:
+        if base is None or kind == "random":
+            continue
+        gains = []
+        for k, label in (("bbox", "box"), ("segm", "mask")):
+            a, b = _ap(res, k), _ap(base[2], k)
+            if a is not None and b is not None:
+                gains.append(f"{a - b:+.2f} {label} AP")
+        print(f"pretraining bought: {', '.join(gains)} ({name} vs random init, same seed and schedule; "
+              "one seed only: tools/transfer.py measures several)")
+    return all(_ap(res, k) is not None for _, _, res, _ in rows for k in ("bbox", "segm"))
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--pretrain", required=True)
-    p.add_argument("--finetune", required=True)
+    p.add_argument("--finetune", default=None, help="one fine-tuning run directory")
+    p.add_argument("--transfer", default=None, help="transfer.json of tools/transfer.py (pretrained vs random)")
     p.add_argument("--pictures", default=None)
     args = p.parse_args(argv)
+    if not (args.finetune or args.transfer):
+        p.error("give --finetune and/or --transfer")
     pre, pre_path = last_metrics(args.pretrain)
-    fin, fin_path = last_metrics(args.finetune)
     losses = {k: v for k, v in pre.items() if k.startswith("loss_")}
     print("\n================ regionssl demo ================")
     print(f"pretraining : {len(losses)} losses at iter {pre.get('iteration')}: "
@@ -42,20 +88,29 @@ def main(argv=None):
     if skipped is not None:
         names = os.path.join(args.pretrain, "skipped_images.txt")
         print(f"skipped     : {int(skipped)} unreadable image files" + (f" (names: {names})" if skipped else ""))
-    for kind in ("bbox", "segm"):
-        ap = fin.get(f"{kind}/AP")
-        if ap is None or (isinstance(ap, float) and math.isnan(ap)):
-            print(f"{kind:5s} AP    : missing in {fin_path}")
+    paths = [pre_path]
+    if args.finetune:
+        fin, fin_path = last_metrics(args.finetune)
+        paths.append(fin_path)
+        for kind in ("bbox", "segm"):
+            ap = fin.get(f"{kind}/AP")
+            if ap is None or (isinstance(ap, float) and math.isnan(ap)):
+                print(f"{kind:5s} AP    : missing in {fin_path}")
+                return 1
+            print(f"{kind:5s} AP    : {ap:.2f}  (AP50 {fin.get(f'{kind}/AP50', float('nan')):.2f}, "
+                  f"AP75 {fin.get(f'{kind}/AP75', float('nan')):.2f})")
+    if args.transfer:
+        rows, _ = transfer_rows(args.transfer)
+        if not print_comparison(rows):
+            print(f"AP missing in {args.transfer}")
             return 1
-        print(f"{kind:5s} AP    : {ap:.2f}  (AP50 {fin.get(f'{kind}/AP50', float('nan')):.2f}, "
-              f"AP75 {fin.get(f'{kind}/AP75', float('nan')):.2f})")
-    print(f"metrics     : {pre_path}\n              {fin_path}")
+        paths.append(args.transfer)
+    print("metrics     : " + "\n              ".join(paths))
     print(f"tensorboard : tensorboard --logdir {os.path.dirname(os.path.abspath(args.pretrain))}")
     if args.pictures:
         pngs = sorted(glob.glob(os.path.join(args.pictures, "*.png")))
         print(f"pictures    : {len(pngs)} PNGs in {args.pictures}")
-    print(f"checkpoints : {os.path.join(args.pretrain, 'model_final.pth')}\n"
-          f"              {os.path.join(args.finetune, 'model_final.pth')}")
+    print(f"checkpoint  : {os.path.join(args.pretrain, 'model_final.pth')}")
     return 0
 
 

@@ -5,11 +5,14 @@
 * :class:`PretrainLoader` wraps the pretraining loader: it collects the unreadable files the mapper
   skipped, keeps the last batch for pictures and lets :class:`~regionssl.engine.resume.DataStateHook`
   act when the stream starts;
-* :class:`SkippedFilesHook`, :class:`ViewPairVisualizer`, :class:`ProbeHook`: the count of skipped
-  files, view-pair pictures in TensorBoard, the periodic retrieval probe.
+* :class:`SkippedFilesHook`, :class:`ViewPairVisualizer`, :class:`ProbeHook`, :class:`CollapseGuard`:
+  the count of skipped files, view-pair pictures in TensorBoard, the periodic retrieval probe, the
+  collapse/stall guard.
 """
 import logging
+import math
 import os
+import statistics
 
 from detectron2.engine import HookBase
 from detectron2.utils import comm
@@ -18,8 +21,11 @@ from detectron2.utils.events import get_event_storage
 from ..data.build import ResumableTrainingSampler
 
 __all__ = [
-    "ModelStepHook", "PretrainLoader", "ViewPairVisualizer", "ProbeHook", "SkippedFilesHook", "build_pretrain_hooks",
+    "ModelStepHook", "PretrainLoader", "ViewPairVisualizer", "ProbeHook", "CollapseGuard", "TrainingCollapsed",
+    "SkippedFilesHook", "build_pretrain_hooks",
 ]
+
+logger = logging.getLogger(__name__)
 
 
 def _bare(model):
@@ -108,7 +114,6 @@ class SkippedFilesHook(HookBase):
     def after_train(self):
         if not comm.is_main_process():
             return
-        logger = logging.getLogger(__name__)
         scope = "all processes" if self._final or comm.get_world_size() == 1 else "this process"
         if not self._files:
             logger.info(f"Skipped image files: 0 ({scope}).")
@@ -154,7 +159,7 @@ class ProbeHook(HookBase):
             storage = get_event_storage()
             for k, v in result.items():
                 storage.put_scalar(f"probe/{k}", v, smoothing_hint=False)
-            logging.getLogger(__name__).info(f"Retrieval probe at iter {self.trainer.iter + 1}: {result}")
+            logger.info(f"Retrieval probe at iter {self.trainer.iter + 1}: {result}")
 
     def after_step(self):
         it = self.trainer.iter + 1
@@ -166,8 +171,126 @@ class ProbeHook(HookBase):
             self._run()
 
 
+class TrainingCollapsed(RuntimeError):
+    """The collapse/stall guard stopped the run (``TEST.REGIONSSL.GUARD.STOP``); the message has the numbers."""
+
+
+class CollapseGuard(HookBase):
+    """Warn (and with ``stop`` raise :class:`TrainingCollapsed`) when a pretraining run collapses or stalls.
+
+    Every ``period`` iterations from ``start_iter`` on, for each
+    :class:`~regionssl.modeling.signals.LearningSignal` of the model, the median over the last
+    ``window`` iterations of what the trainer and the model already logged is checked:
+
+    * collapse: ``emb_std < min_emb_std_fraction / sqrt(D)`` (unit vectors spread uniformly over D
+      dimensions have a per-dimension std of 1/sqrt(D); one vector for every input has 0);
+    * stall, chance: ``loss / weight > chance - min_chance_margin`` (InfoNCE's ln(K+1), SwAV's
+      ln K_c: the model does not tell the positive from the negatives);
+    * stall, similarity: ``pos_sim - neg_sim < min_sim_gap``.
+
+    Reads the EventStorage only (no forward pass). Each condition of each loss is warned about at
+    most once per ``repeat_period`` iterations. The verdict is rank 0's (the losses are gathered
+    there); with ``stop`` every process raises at the same iteration.
+    """
+
+    def __init__(self, *, start_iter, period=20, window=20, min_emb_std_fraction=0.05, min_chance_margin=0.05,
+                 min_sim_gap=0.01, repeat_period=1000, stop=False):
+        self.start_iter, self.period, self.window = start_iter, max(period, 1), max(window, 1)
+        self.min_emb_std_fraction, self.min_chance_margin = min_emb_std_fraction, min_chance_margin
+        self.min_sim_gap, self.repeat_period, self.stop = min_sim_gap, repeat_period, stop
+        self._last_warned = {}  # (condition, loss key) -> iteration
+
+    @classmethod
+    def from_config(cls, cfg):
+        g = cfg.TEST.REGIONSSL.GUARD
+        start = g.START_ITER
+        if start < 0:
+            start = max(cfg.SOLVER.WARMUP_ITERS, min(1000, cfg.SOLVER.MAX_ITER // 5))
+        return cls(start_iter=start, period=g.PERIOD, window=g.WINDOW, min_emb_std_fraction=g.MIN_EMB_STD_FRACTION,
+                   min_chance_margin=g.MIN_CHANCE_MARGIN, min_sim_gap=g.MIN_SIM_GAP,
+                   repeat_period=g.REPEAT_PERIOD, stop=g.STOP)
+
+    def medians(self, storage, signal, iteration, only_loss=False):
+        """{"loss", "emb_std", "pos_sim", "neg_sim"}: median of each of ``signal``'s keys over the
+        iterations (iteration - window, iteration], or None if absent or logged in fewer than half
+        of them. ``only_loss``: the model has one loss, which Detectron2 logs as ``total_loss`` only."""
+        logged, out = storage.histories(), {}
+        for name in ("loss", "emb_std", "pos_sim", "neg_sim"):
+            key = getattr(signal, name)
+            if name == "loss" and only_loss and key not in logged:
+                key = "total_loss"
+            values = [v for v, it in logged[key].values() if iteration - self.window < it <= iteration] if key in logged else []
+            out[name] = statistics.median(values) if len(values) >= max(1, self.window // 2) else None
+        return out
+
+    def check(self, storage, signals, iteration):
+        """Problems at ``iteration``: list of (condition, loss key, message)."""
+        problems = []
+        for s in signals:
+            if s.weight <= 0:
+                continue  # a loss weighted 0 trains nothing: its embeddings may stay as initialised
+            med = self.medians(storage, s, iteration, only_loss=len(signals) == 1)
+            context = self._context(s, med)
+            if med["emb_std"] is not None and s.dim:
+                threshold = self.min_emb_std_fraction / math.sqrt(s.dim)
+                if med["emb_std"] < threshold:
+                    problems.append(("collapse", s.loss, (
+                        f"{s.emb_std} = {med['emb_std']:.4g} is below {self.min_emb_std_fraction} x 1/sqrt({s.dim}) "
+                        f"= {threshold:.4g}: the embeddings of different inputs are (nearly) one vector. {context}")))
+            if med["loss"] is not None and s.chance is not None:
+                loss = med["loss"] / s.weight
+                if loss > s.chance - self.min_chance_margin:
+                    problems.append(("stall_chance", s.loss, (
+                        f"{s.loss}{'' if s.weight == 1 else f' / {s.weight:g}'} = {loss:.4f} is not below its chance "
+                        f"level {s.chance:.4f} ({s.chance_text}) by {self.min_chance_margin}: positives are not told "
+                        f"from negatives. {context}")))
+            if med["pos_sim"] is not None and med["neg_sim"] is not None:
+                gap = med["pos_sim"] - med["neg_sim"]
+                if gap < self.min_sim_gap:
+                    problems.append(("stall_similarity", s.loss, (
+                        f"{s.pos_sim} - {s.neg_sim} = {gap:.4f} is below {self.min_sim_gap}: positives are not more "
+                        f"similar than negatives. {context}")))
+        return problems
+
+    def _context(self, s, med):
+        parts = [f"{name} {med[name]:.4g}" for name in ("loss", "emb_std", "pos_sim", "neg_sim") if med[name] is not None]
+        if s.chance is not None:
+            parts.append(f"chance {s.chance:.4f}")
+        return f"[{s.loss}: {', '.join(parts)}; medians over the last {self.window} iterations]"
+
+    def after_step(self):
+        it = self.trainer.iter
+        if it < self.start_iter or (it + 1) % self.period:
+            return
+        problems = []
+        if comm.is_main_process():
+            model = _bare(self.trainer.model)
+            signals = model.learning_signals() if hasattr(model, "learning_signals") else []
+            problems = self.check(get_event_storage(), signals, it)
+        if self.stop and comm.get_world_size() > 1:
+            problems = comm.all_gather(problems)[0]  # rank 0's verdict, so that every rank stops
+        if not problems:
+            return
+        lines = [f"{'COLLAPSED' if kind == 'collapse' else 'STALLED'} at iteration {it}: {msg}" for kind, _, msg in problems]
+        if self.stop:
+            raise TrainingCollapsed("Pretraining stopped by TEST.REGIONSSL.GUARD.STOP:\n" + "\n".join(lines))
+        fresh = []
+        for (kind, loss, _), line in zip(problems, lines):
+            if it - self._last_warned.get((kind, loss), -math.inf) >= self.repeat_period:
+                self._last_warned[(kind, loss)] = it
+                fresh.append(line)
+        if fresh:
+            logger.warning(
+                "regionssl guard: this run is not learning\n  " + "\n  ".join(fresh)
+                + "\n  (TEST.REGIONSSL.GUARD: STOP True stops such runs, ENABLED False silences this; "
+                f"repeated at most every {self.repeat_period} iterations)"
+            )
+
+
 def build_pretrain_hooks(cfg, trainer):
     hooks = [SkippedFilesHook(cfg.OUTPUT_DIR)]
+    if cfg.TEST.REGIONSSL.GUARD.ENABLED:
+        hooks.append(CollapseGuard.from_config(cfg))
     if cfg.VIS_PERIOD > 0:
         hooks.append(ViewPairVisualizer(cfg.VIS_PERIOD))
     if cfg.TEST.REGIONSSL.PROBE_PERIOD > 0:

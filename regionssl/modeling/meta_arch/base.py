@@ -235,6 +235,11 @@ class RegionSSLBase(nn.Module):
     def losses(self, batched_inputs):
         raise NotImplementedError
 
+    def learning_signals(self):
+        """List of :class:`~regionssl.modeling.signals.LearningSignal`: the losses the collapse/stall
+        guard watches (chance level, embedding dim, diagnostic keys). Empty: nothing is watched."""
+        return []
+
     def forward(self, batched_inputs):
         if not self.training:
             raise RuntimeError(

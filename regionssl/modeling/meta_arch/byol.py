@@ -19,6 +19,7 @@ from detectron2.modeling import META_ARCH_REGISTRY
 
 from ..heads import MLP
 from ..losses import byol_regression
+from ..signals import LearningSignal
 from .base import RegionSSLBase
 
 __all__ = ["BYOLBase", "BYOL"]
@@ -141,6 +142,13 @@ class BYOLBase(RegionSSLBase):
                 self.log(emb_std=self.embedding_std(z))
         self.log(num_pairs=r, momentum=self.current_momentum())
         return {f"loss_{self.loss_name}": loss}, maps
+
+    def learning_signals(self):
+        """The regression has no chance level: the guard watches the projections' spread (a
+        collapsed target is predicted perfectly, so ``pos_sim`` -> 1 while ``emb_std`` -> 0)."""
+        dim = self.projector[-1].out_features
+        return [LearningSignal(f"loss_{self.loss_name}", emb_std="regionssl/emb_std", dim=dim,
+                               pos_sim="regionssl/pos_sim")]
 
     def losses(self, batched_inputs):
         return self.byol_losses(*self.pair_inputs(batched_inputs))[0]

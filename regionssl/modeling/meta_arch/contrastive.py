@@ -17,6 +17,7 @@ from ..heads import MLP
 from ..losses import info_nce, info_nce_in_batch
 from ..queues import KeyQueues
 from ..shuffle import ShufflePlan, shuffled_forward, split_forward
+from ..signals import LearningSignal, info_nce_chance
 from .base import RegionSSLBase
 
 __all__ = ["ContrastiveBase"]
@@ -48,6 +49,7 @@ class ContrastiveBase(RegionSSLBase):
         self.level_weights = list(level_weights)
         self.temperature, self.shuffle_bn, self.bn_splits = temperature, shuffle_bn, bn_splits
         self.queues = KeyQueues(len(self.levels), projector.out_features, queue_size) if queue_size > 0 else None
+        self._batch_negatives = None  # without a queue: negatives per query in the last step
 
     @classmethod
     def from_config(cls, cfg):
@@ -140,6 +142,7 @@ class ContrastiveBase(RegionSSLBase):
                 start = sum(key_counts[: comm.get_rank()])
                 own = torch.arange(start, start + k.shape[1], device=keys.device)
                 loss, logits = info_nce_in_batch(q[l], keys, own, self.temperature)
+                self._batch_negatives = keys.shape[0] - 1  # for learning_signals (shape: no device read)
                 self.log_contrast(level, logits, q[l])
             else:
                 loss, logits = info_nce(q[l], k[l], self.queues.negatives(l), self.temperature)
@@ -167,6 +170,22 @@ class ContrastiveBase(RegionSSLBase):
             **extra,
         }
         self.log(**{f"{name}_{level}": value for name, value in scalars.items()})
+
+    def queue_signal(self, l, level, loss):
+        """:class:`LearningSignal` of the InfoNCE against queue ``l`` (logged as ``loss``); without a
+        queue, against the other keys of the last step's batch (no chance level before a step)."""
+        if self.queues is not None:
+            k, what = self.queues.size, "queue negatives"
+        else:
+            k, what = self._batch_negatives, "other keys of the batch"
+        return LearningSignal(
+            loss, info_nce_chance(k) if k else None, f"ln(K+1), K = {k} {what}", self.level_weights[l],
+            f"regionssl/emb_std_{level}", self.projector.out_features,
+            f"regionssl/pos_sim_{level}", f"regionssl/neg_sim_{level}",
+        )
+
+    def learning_signals(self):
+        return [self.queue_signal(l, level, f"loss_contrast_{level}") for l, level in enumerate(self.levels)]
 
     def query_embed(self, images, boxes):
         """Online-encoder embeddings (L, R, D) of the query view (in ``bn_splits`` BN groups)."""

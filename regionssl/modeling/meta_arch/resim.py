@@ -49,6 +49,7 @@ from ..losses import info_nce
 from ..poolers import boxes_to_rois
 from ..prroi_pool import prroi_pool_1x1
 from ..shuffle import shuffled_forward
+from ..signals import LearningSignal, info_nce_chance
 from .contrastive import ContrastiveBase
 
 __all__ = ["ReSim", "window_rois", "pooled_negatives", "region_similarity_loss"]
@@ -135,6 +136,7 @@ class ReSim(ContrastiveBase):
         self.region_features, self.region_strides = list(region_features), list(region_strides)
         self.region_weights, self.gather_negatives = list(region_weights), list(gather_negatives)
         self.negative_pool = negative_pool
+        self._num_negatives = {}  # level -> K of the last forward (for learning_signals)
         self.is_fpn = hasattr(self.backbone, "bottom_up")
         if self.is_fpn:
             # Detectron2's FPN has an output conv per input level; those of levels without a loss
@@ -226,6 +228,7 @@ class ReSim(ContrastiveBase):
                 per_image,
             )
             losses[f"loss_region_{level}"] = self.region_weights[g] * loss
+            self._num_negatives[level] = negatives.shape[1]
             self.log_contrast(level, logits, q, num_pairs=len(rois_q), num_neg=negatives.shape[1])
         return losses
 
@@ -237,6 +240,20 @@ class ReSim(ContrastiveBase):
         counts = [k.shape[1]] * world_size()  # one key per image, N on every rank
         (instance,) = self.contrastive_losses(q, k, key_counts=counts).values()  # already weighted by w_inst
         return {"loss_instance": instance, **self.region_losses(batched_inputs, query, key_maps)}
+
+    def learning_signals(self):
+        """The instance InfoNCE (queue) and, per level, the region InfoNCE against the K key-map
+        positions of the last step (chance unknown before the first step)."""
+        shapes = self.backbone.output_shape()
+        signals = [self.queue_signal(0, "instance", "loss_instance")]
+        for level, w in zip(self.region_features, self.region_weights):
+            k = self._num_negatives.get(level)
+            signals.append(LearningSignal(
+                f"loss_region_{level}", None if k is None else info_nce_chance(k),
+                f"ln(K+1), K = {k} key-map negatives", w, f"regionssl/emb_std_{level}", shapes[level].channels,
+                f"regionssl/pos_sim_{level}", f"regionssl/neg_sim_{level}",
+            ))
+        return signals
 
     def region_embedding(self, images, boxes):
         """Online PrRoIPool 1x1 features of ``boxes`` averaged over the region levels: (sum R_i, C)."""

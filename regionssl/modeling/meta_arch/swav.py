@@ -39,6 +39,8 @@ mean, the shared projector and prototypes; codes of the regions of crop 0 and of
 over all regions of the global batch, no queue), each predicted from the other crop's region
 (``loss_swav_region``). Small crops are left out: they do not contain the boxes.
 """
+import math
+
 import torch
 import torch.nn.functional as F
 from detectron2.config import configurable
@@ -51,6 +53,7 @@ from ...utils.micro_batch import rows_at_step_end
 from ..encoders import GlobalEncoder
 from ..heads import MLP
 from ..poolers import BoxPooler
+from ..signals import LearningSignal
 from ..sinkhorn import sinkhorn_knopp, swav_loss
 from .base import RegionSSLBase
 
@@ -248,6 +251,15 @@ class SwAV(RegionSSLBase):
         scores = [self.prototype_scores(z[v]) for v in (0, 1)]
         codes = [sinkhorn_knopp(s.detach(), self.epsilon, self.sinkhorn_iters) for s in scores]
         return swav_loss(scores, codes, [0, 1], self.temperature), z
+
+    def learning_signals(self):
+        """Swapped prediction at chance (uniform prediction over K_c prototypes) is ln K_c."""
+        k, dim = self.prototypes.weight.shape
+        chance, text = math.log(k), f"ln K_c, K_c = {k} prototypes"
+        signals = [LearningSignal("loss_swav", chance, text, emb_std="regionssl/emb_std", dim=dim)]
+        if self.region_pooler is not None:
+            signals.append(LearningSignal("loss_swav_region", chance, text, emb_std="regionssl/emb_std_region", dim=dim))
+        return signals
 
     def losses(self, batched_inputs):
         z, maps = self.embed_crops(batched_inputs)
