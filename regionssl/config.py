@@ -289,6 +289,10 @@ def _add_test_keys(cfg):
     # Tiles per side of each probe image (g x g places per image); 0 = the smallest g giving >= 64
     # tiles in all. g > 1 makes regions compete with the other places of their own image.
     t.PROBE_GRID = 0
+    # Frames of one video clip (records sharing a "group") are near-duplicates: a region's nearest
+    # neighbour in the next frame is the same place, scored as a miss. True keeps one image per group
+    # (the middle frame), so every gallery region is a distinct place.
+    t.PROBE_ONE_PER_GROUP = True
 
     # Experiment tracking: scalars of the EventStorage (losses, lr, regionssl/*, probe/*, AP) are also
     # written to Weights & Biases and/or MLflow, from the main process, every 20 iterations (as the

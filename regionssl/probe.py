@@ -2,6 +2,10 @@
 
 Protocol (fixed, independent of the method's own input config, the same for every model):
 
+0. Records that share a ``group`` (the frames of one video clip) are one place: with
+   ``TEST.REGIONSSL.PROBE_ONE_PER_GROUP`` only the middle one is kept. Consecutive frames are near
+   duplicates, so without this a region whose nearest neighbour is the same place one frame later
+   counts as a miss, and a gallery made mostly of one clip caps top-1 near (distinct places) / N.
 1. Each held-out image is cut into a g x g grid of disjoint **tiles**, g = ``TEST.REGIONSSL.PROBE_GRID``
    or, when that is 0, g = ceil(sqrt(64 / images)) (4 images -> 4 x 4 tiles, >= 64 images -> the
    whole images), so the gallery has >= 64 distinct places even with a handful of photos, and no
@@ -42,7 +46,7 @@ from .data.photometric import build_photometric_augmentations
 from .data.regions import IntersectionBoxes
 from .data.views import TwoCrops
 
-__all__ = ["ProbeViews", "image_tiles", "run_probe", "retrieval_accuracy"]
+__all__ = ["ProbeViews", "image_tiles", "one_per_group", "run_probe", "retrieval_accuracy"]
 
 PROBE_CROP_SCALE = (0.3, 1.0)
 PROBE_MIN_GALLERY = 64  # tiles per round at least (when the images allow it)
@@ -80,6 +84,15 @@ class ProbeViews:
             pixels.append(torch.as_tensor(np.ascontiguousarray(aug.image.transpose(2, 0, 1))))
             boxes.append(torch.as_tensor(b, dtype=torch.float32))
         return pixels, boxes
+
+
+def one_per_group(dicts):
+    """The dataset dicts with one record per ``group`` (its middle one, in dataset order); records
+    without a group are each their own. Order follows each kept record's first group appearance."""
+    groups = {}
+    for i, d in enumerate(dicts):
+        groups.setdefault(d.get("group", ("record", i)), []).append(d)
+    return [members[len(members) // 2] for members in groups.values()]
 
 
 def image_tiles(image, grid):
@@ -161,8 +174,8 @@ def run_probe(model, cfg, dataset=None, max_images=None, seed=0):
 
     Args:
         model: a :class:`RegionSSLBase` (not DDP-wrapped).
-        cfg: config; ``TEST.REGIONSSL.{PROBE_DATASET, PROBE_MAX_IMAGES, PROBE_CROP_SIZE,
-            PROBE_ROUNDS, PROBE_GRID}`` are used.
+        cfg: config; ``TEST.REGIONSSL.{PROBE_DATASET, PROBE_ONE_PER_GROUP, PROBE_MAX_IMAGES,
+            PROBE_CROP_SIZE, PROBE_ROUNDS, PROBE_GRID}`` are used.
         dataset: image-only dataset name (default ``PROBE_DATASET``).
         max_images: at most this many images (default ``PROBE_MAX_IMAGES``).
         seed: fixes tiles' views, boxes and photometric draws (the same for every model).
@@ -170,7 +183,10 @@ def run_probe(model, cfg, dataset=None, max_images=None, seed=0):
     t = cfg.TEST.REGIONSSL
     dataset = dataset or t.PROBE_DATASET
     ensure_registered([dataset])
-    dicts = DatasetCatalog.get(dataset)[: max_images or t.PROBE_MAX_IMAGES]
+    dicts = DatasetCatalog.get(dataset)
+    if t.PROBE_ONE_PER_GROUP:
+        dicts = one_per_group(dicts)
+    dicts = dicts[: max_images or t.PROBE_MAX_IMAGES]
     images = [im for im in (read_rgb_or_none(d["file_name"]) for d in dicts) if im is not None]
     if not images:
         raise ValueError(f"Probe dataset {dataset!r} has no readable images")

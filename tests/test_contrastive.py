@@ -377,6 +377,16 @@ def test_retrieval_accuracy_known_tensors():
     assert sorted(v for t in tiles for v in t.reshape(-1).tolist()) == list(range(7 * 9 * 3))
 
 
+def test_probe_keeps_one_frame_per_clip():
+    from regionssl.probe import one_per_group
+
+    clip = [{"file_name": f"f{i}.jpg", "group": "video:clip"} for i in range(5)]
+    photos = [{"file_name": "a.jpg", "group": "photo:a"}, {"file_name": "b.jpg"}, {"file_name": "c.jpg"}]
+    kept = one_per_group([photos[0]] + clip[:3] + [photos[1]] + clip[3:] + [photos[2]])
+    # the clip's middle frame stands for it; records without a group are each their own place
+    assert [d["file_name"] for d in kept] == ["a.jpg", "f2.jpg", "b.jpg", "c.jpg"]
+
+
 def test_run_probe_is_seeded_and_restores_state(monkeypatch):
     import numpy as np
     from regionssl import probe

@@ -9,7 +9,7 @@ For each recipe (``configs/quick_schedules/<name>_probe_demo.yaml``) it runs ``t
 ``<output>/<name>`` (skipped when ``model_final.pth`` exists, resumed when a checkpoint exists), then
 the retrieval probe (``regionssl/probe.py``) of the final checkpoint and of the same architecture at
 random initialisation for probe seeds 0, 1, 2, written to ``<output>/<name>/probe.json`` (skipped
-when present). An interrupted report therefore resumes where it stopped. ``--report DIR`` writes
+when present and made under the recipe's current probe settings). An interrupted report therefore resumes where it stopped. ``--report DIR`` writes
 ``learning.md`` (per recipe: loss at start and end vs the chance level, embedding std, region and
 photo top-1 as mean and min-max over the seeds, minutes of training) and ``learning_curves.png``.
 Runs are one process; the recipes are written for one core (``OMP_NUM_THREADS=1``).
@@ -63,18 +63,33 @@ def pretrain(name, out):
         json.dump({"seconds": time.time() - start}, f)
 
 
+def probe_protocol(name):
+    """The probe settings of a recipe; a probe.json written under other settings is recomputed."""
+    from regionssl.engine import get_regionssl_cfg
+
+    t = get_regionssl_cfg(config_path(name)).TEST.REGIONSSL
+    keys = ("PROBE_DATASET", "PROBE_ONE_PER_GROUP", "PROBE_MAX_IMAGES", "PROBE_CROP_SIZE", "PROBE_ROUNDS", "PROBE_GRID")
+    return {k: t[k] for k in keys} | {"seeds": list(SEEDS)}
+
+
 def probe(name, out):
     path = os.path.join(out, name, "probe.json")
+    protocol = probe_protocol(name)
     if os.path.isfile(path):
         with open(path) as f:
-            return json.load(f)
+            done = json.load(f)
+        if done.get("protocol") == protocol:
+            return done
+        print(f"[learning_report] {path} was probed under other settings: probing again", flush=True)
     from tools.probe import main as probe_main  # noqa: E402  (our tools/, not Detectron2's)
 
     weights = os.path.join(out, name, "model_final.pth")
     results = probe_main(["--config-file", config_path(name), "--weights", weights, "--random-init",
                           "--seeds", *map(str, SEEDS)])
-    with open(path, "w") as f:
-        json.dump({col: {str(s): r for s, r in per_seed.items()} for col, per_seed in results.items()}, f, indent=1)
+    done = {col: {str(s): r for s, r in per_seed.items()} for col, per_seed in results.items()}
+    with open(path + ".tmp", "w") as f:
+        json.dump(dict(done, protocol=protocol), f, indent=1)
+    os.replace(path + ".tmp", path)  # an interrupted probe leaves no probe.json behind
     return probe(name, out)
 
 
