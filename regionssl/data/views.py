@@ -33,7 +33,7 @@ from detectron2.data import transforms as T
 from detectron2.utils.registry import Registry
 
 from ..config import per_level
-from .augmentations import INTERPOLATIONS, PasteTransform, resized_crop_transform, sample_resized_crop
+from .augmentations import CV2_BILINEAR, INTERPOLATIONS, PasteTransform, resized_crop_transform, sample_resized_crop
 from .image_io import DecodedImage, as_background_source
 
 __all__ = [
@@ -130,6 +130,11 @@ class ViewGenerator(abc.ABC):
     Subclasses implement :meth:`render` and, when their geometry can be drawn from the image size
     alone, :meth:`plan` (then the mapper decodes JPEGs at a reduced scale the plan allows).
     """
+
+    def reads_array(self) -> bool:
+        """Whether :meth:`render` reads the pixels as an array (OpenCV resampling) rather than as a
+        PIL image; the mapper then has JPEGs decoded straight to an array (``ImageFile.decode``)."""
+        return getattr(self, "interp", None) == CV2_BILINEAR
 
     def plan(self, height, width) -> Optional[List[CropSpec]]:
         """The views' geometry for an (height, width) image, drawn before decoding; None (the
