@@ -52,6 +52,11 @@ PIPELINES = {
     ),
     "MultiCrop 2x224+6x96 + WholeView (SwAV)": ("configs/mocov2.yaml", ["INPUT.REGIONSSL.VIEW_GENERATOR", "MultiCrop"]),
     "CopyPaste + PastedBox + jitter (InsLoc)": ("configs/insloc_fpn.yaml", []),
+    # INPUT.REGIONSSL.PHOTOMETRIC.ON_DEVICE: the loader decodes and resamples only (geometry)
+    "MoCo-v2, photometric on device (geometry only)": ("configs/mocov2.yaml", ["INPUT.REGIONSSL.PHOTOMETRIC.ON_DEVICE", "True"]),
+    "SwAV MultiCrop, photometric on device (geometry only)": (
+        "configs/mocov2.yaml", ["INPUT.REGIONSSL.VIEW_GENERATOR", "MultiCrop", "INPUT.REGIONSSL.PHOTOMETRIC.ON_DEVICE", "True"]),
+    "InsLoc, photometric on device (geometry only)": ("configs/insloc_fpn.yaml", ["INPUT.REGIONSSL.PHOTOMETRIC.ON_DEVICE", "True"]),
     # ablations: what the JPEG draft decoding and OpenCV resizing contribute
     "ablation: MoCo-v2 without JPEG draft": ("configs/mocov2.yaml", ["INPUT.REGIONSSL.JPEG_DRAFT", "False"]),
     # insloc_fpn.yaml decodes fully and resizes with OpenCV bilinear, as the official code

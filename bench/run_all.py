@@ -28,7 +28,7 @@ BENCHMARKS = {
     ),
     "step_cost": (
         "step_cost.py",
-        ["--batch", "2", "--size", "128", "--rounds", "3", "--warmup", "1", "--threads", "1"],
+        ["--batch", "2", "--size", "128", "--rounds", "1", "--warmup", "1", "--threads", "1"],
         ["--batch", "4", "--size", "224", "--rounds", "11", "--threads", "1"],
     ),
     # the miniature transfer protocol; short: its model and sizes on the tiny synthetic COCO set (no

@@ -1,4 +1,9 @@
-"""Cost of one pretraining step: InsLoc-FPN and InsLoc-C4 against MoCo-v2, same R50, batch, input.
+"""Cost of one pretraining step of every method against MoCo-v2, same R50, batch, input.
+
+For every method the step time ratio to MoCo-v2 is printed beside its multiply-add ratio (``step
+GMACs``: every Conv2d/Linear the step runs, counted by forward hooks, x3 where gradients flow
+(forward + backward), x1 in the momentum network), so the overhead our code adds on top of the
+method's own arithmetic is the ratio of the two (``overhead``).
 
 One step = forward (query encoder + shuffle-BN key encoder + InfoNCE + enqueue) + backward +
 optimizer step + momentum update, exactly what ``SimpleTrainer.run_step`` and the trainer's
@@ -37,14 +42,19 @@ from regionssl.engine import PretrainTrainer, get_regionssl_cfg  # noqa: E402
 from regionssl.modeling.encoders import C4Encoder, FPNEncoder  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MODELS = {"MoCo-v2": "configs/mocov2.yaml", "InsLoc-C4": "configs/insloc_c4.yaml", "InsLoc-FPN": "configs/insloc_fpn.yaml"}
+MODELS = {
+    "MoCo-v2": "configs/mocov2.yaml", "InsLoc-C4": "configs/insloc_c4.yaml", "InsLoc-FPN": "configs/insloc_fpn.yaml",
+    "ReSim-C4": "configs/resim_c4.yaml", "ReSim-FPN": "configs/resim_fpn.yaml", "SCRL": "configs/scrl.yaml",
+    "SwAV": "configs/swav.yaml", "CVSA": "configs/cvsa.yaml", "BYOL": "configs/byol.yaml",
+}
 SECTIONS = ("q_backbone", "q_pool_head", "q_projector", "momentum_ema", "key_encoder", "loss_enqueue", "backward", "optimizer")
 
 
 def build(name, size, batch):
     opts = ["MODEL.DEVICE", "cpu", "INPUT.REGIONSSL.CROP_SIZE", size, "DATASETS.TRAIN", "('regionssl_demo_images',)",
-            "INPUT.REGIONSSL.COPY_PASTE.FG_SIZE", [size // 2, size - 1]]
-    cfg = get_regionssl_cfg(os.path.join(REPO, MODELS[name]), opts)
+            "INPUT.REGIONSSL.COPY_PASTE.FG_SIZE", [size // 2, size - 1], "SOLVER.IMS_PER_BATCH", batch,
+            "SOLVER.REFERENCE_WORLD_SIZE", 0]
+    cfg = get_regionssl_cfg(os.path.join(REPO, MODELS[name]), opts)  # one process: SyncBN runs as plain BN
     torch.manual_seed(0)
     model = build_model(cfg).train()
     optimizer = PretrainTrainer.build_optimizer(cfg, model)
@@ -62,13 +72,15 @@ class Timer:
         self.in_key = False
         self._wrap(model.backbone, "forward", "q_backbone")
         self._wrap(model.encoder, "pool", "q_pool_head")  # the online encoder's RoI pooling + head
-        self._wrap(model.projector, "forward", "q_projector")
+        self._wrap(getattr(model, "projector", None), "forward", "q_projector")
         self._wrap(model, "update_momentum", "momentum_ema")
-        self._wrap(model, "key_embed", "key_encoder", key=True)
+        self._wrap(model, "key_embed", "key_encoder", key=True)  # MoCo-style methods only
         self._wrap(model, "contrastive_losses", "loss_enqueue")
 
     def _wrap(self, obj, attr, section, skip_in_key=False, key=False):
-        fn = getattr(obj, attr)
+        fn = getattr(obj, attr, None)
+        if fn is None:
+            return
 
         def wrapped(*args, **kwargs):
             if skip_in_key and self.in_key:
@@ -103,6 +115,28 @@ def step(model, optimizer, data, timer, iteration=0):
     end = time.perf_counter()
     timer.t["backward"], timer.t["optimizer"] = t1 - t0, t2 - t1
     return end - start, time.process_time() - cpu, dict(timer.t)
+
+
+def step_macs(model, data):
+    """Multiply-adds (G) of one training step: every Conv2d/Linear call of a forward, counted by
+    hooks, x3 when its weight gets a gradient (forward + input and weight gradients), else x1."""
+    total = [0.0]
+
+    def hook(m, inp, out):
+        w = m.weight
+        per_out = w.shape[1] * (w[0, 0].numel() if isinstance(m, torch.nn.Conv2d) else 1)
+        grad = torch.is_grad_enabled() and w.requires_grad
+        total[0] += out.numel() * per_out * (3 if grad else 1)
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    try:
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        model(data)
+        model.load_state_dict(state)  # undo queue/BN-statistics updates of the counting pass
+    finally:
+        for h in handles:
+            h.remove()
+    return total[0] / 1e9
 
 
 def flops(model, batch, size):
@@ -140,10 +174,11 @@ def main():
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per model first")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
+    parser.add_argument("--models", nargs="*", default=None, help=f"subset of {list(MODELS)} (MoCo-v2 always)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    names = list(MODELS)
+    names = ["MoCo-v2"] + [n for n in MODELS if n != "MoCo-v2" and (args.models is None or n in args.models)]
     runs = {n: build(n, args.size, args.batch) for n in names}
     timers = {n: Timer(runs[n][1]) for n in names}
     for n in names:
@@ -163,21 +198,25 @@ def main():
     base = "MoCo-v2"
     print(f"\n{platform.processor() or platform.machine()}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
           f"batch {args.batch}, {args.size}x{args.size} views, R50, K=65536, {args.rounds} rounds (median)")
-    print("| model | wall s/step | wall ratio to MoCo-v2 | CPU s/step | CPU ratio to MoCo-v2 | queue buffers at K=65536 |")
-    print("|---|---|---|---|---|---|")
+    macs = {n: step_macs(runs[n][1], runs[n][3]) for n in names}
+    print("| model | wall s/step | wall ratio to MoCo-v2 | CPU s/step | CPU ratio to MoCo-v2 | step GMACs | GMAC ratio | "
+          "overhead (CPU ratio / GMAC ratio - 1) | queue buffers |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for n in names:
         ratio = statistics.median(a / b for a, b in zip(times[n], times[base]))
         cratio = statistics.median(a / b for a, b in zip(cpus[n], cpus[base]))
-        q = runs[n][1].queues
-        qbytes = sum(b.numel() * b.element_size() for b in q.buffers())
+        q = getattr(runs[n][1], "queues", None)
+        qbytes = sum(b.numel() * b.element_size() for b in q.buffers()) if q is not None else 0
+        mratio = macs[n] / macs[base]
         print(f"| {n} | {statistics.median(times[n]):.3f} | {ratio:.3f} | {statistics.median(cpus[n]):.3f} | {cratio:.3f} | "
-              f"{qbytes:,} B ({qbytes / 2**20:.1f} MiB, {tuple(q.queue.shape)}) |")
+              f"{macs[n]:.1f} | {mratio:.3f} | {cratio / mratio - 1:+.1%} | {qbytes / 2**20:.1f} MiB |")
     print("\nPer-section medians (s); q_* = query forward parts, key_encoder includes shuffle + RoI head + projector")
     print("| model | " + " | ".join(SECTIONS) + " |")
     print("|---|" + "---|" * len(SECTIONS))
     for n in names:
-        print(f"| {n} | " + " | ".join(f"{statistics.median(sections[n][s]):.3f}" for s in SECTIONS) + " |")
-    print("\nForward GMACs for one view of the batch (fvcore; a training step ~ 3x query + 1x key forward)")
+        print(f"| {n} | " + " | ".join(f"{statistics.median(sections[n][s]):.3f}" if sections[n][s] else "-" for s in SECTIONS) + " |")
+    names = [n for n in names if getattr(runs[n][1], "queues", None) is not None and hasattr(runs[n][1], "levels")]
+    print("\nForward GMACs for one view of the batch, MoCo-style methods (fvcore; a training step ~ 3x query + 1x key forward)")
     rows = {n: flops(runs[n][1], args.batch, args.size) for n in names}
     cols = ("resnet", "fpn", "region_head", "projector", "infonce_vs_queue")
     print("| model | " + " | ".join(cols) + " | total | ratio |")

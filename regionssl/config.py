@@ -188,6 +188,9 @@ def _add_input_keys(cfg):
     i.PHOTOMETRIC.SOLARIZE_PROB = [0.0, 0.0]
     # Turn every photometric op off (geometry tests, visualisation).
     i.PHOTOMETRIC.ENABLED = True
+    # Draw the ops in the mapper but apply them in the model, batched on its device, before
+    # normalisation (regionssl/data/photometric_batch.py): the loader then only decodes and resamples.
+    i.PHOTOMETRIC.ON_DEVICE = False
 
     i.MULTI_CROP = CN()
     # Number of crops per resolution (SwAV: [2, 6]).

@@ -300,7 +300,7 @@ def test_jpeg_draft_keeps_geometry(tmp_path, monkeypatch, interp):
     slope, (h, w) = _ramp_jpeg(path)
     used = []
     real = ImageFile.decode
-    monkeypatch.setattr(ImageFile, "decode", lambda self, r=1: used.append(self.max_decode_reduction(r)) or real(self, r))
+    monkeypatch.setattr(ImageFile, "decode", lambda self, r=1, **kw: used.append(self.max_decode_reduction(r)) or real(self, r, **kw))
 
     def mapped(draft, seed):
         cfg = get_regionssl_cfg(None, [

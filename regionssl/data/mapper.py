@@ -9,6 +9,9 @@ Output (the contract, docs/design.md), for V views and R regions:
 * ``"box_groups"``: (R,) int64 group of each region (ReSim: window set / FPN level).
 * ``"jittered_boxes"``: (R, 4) float32, InsLoc's anchor-jittered query (view 0) boxes, if enabled.
 * ``"masks"``: list of V float32 tensors (H_v, W_v), saliency masks, if the generator makes them.
+* ``"photometric"``: (V, P) float32 drawn photometric parameters, only with
+  ``INPUT.REGIONSSL.PHOTOMETRIC.ON_DEVICE`` (the views are then geometry only; the model applies
+  them, ``photometric_batch.apply_photometric``).
 * ``"height"``, ``"width"`` (original image), ``"image_id"``, ``"file_name"``.
 * ``"skipped_files"``: list of the unreadable files this mapper copy (one per loader worker) met
   since its previous output, usually empty; the trainer counts them (``regionssl/skipped_images``).
@@ -36,6 +39,7 @@ from detectron2.data import transforms as T
 
 from .image_io import BackgroundSource, SkippedFiles, UnreadableImageError, open_image_or_none
 from .photometric import build_photometric_augmentations
+from .photometric_batch import encode_photometric
 from .regions import anchor_jitter, build_region_sampler
 from .views import build_view_generator, max_reduction
 
@@ -53,7 +57,10 @@ class RegionSSLDatasetMapper:
 
     @configurable
     def __init__(self, *, view_generator, region_sampler, photometric, max_resample=10, jitter=None, jpeg_draft=True,
-                 skipped=None):
+                 skipped=None, photometric_on_device=None):
+        """``photometric_on_device``: None (apply the ops here), or ``dict(deepmind=bool, blur_first=bool)``
+        to ship each view's drawn parameters instead (``encode_photometric``)."""
+        self.photometric_on_device = photometric_on_device
         self.view_generator = view_generator
         self.region_sampler = region_sampler
         self.photometric = [T.AugmentationList(augs) for augs in photometric]
@@ -104,6 +111,8 @@ class RegionSSLDatasetMapper:
             "jitter": jitter,
             "jpeg_draft": c.JPEG_DRAFT,
             "skipped": skipped,
+            "photometric_on_device": dict(deepmind=p.COLOR_JITTER_SEMANTICS == "deepmind", blur_first=p.BLUR_FIRST)
+            if p.ENABLED and p.ON_DEVICE else None,
         }
 
     def _make_views(self, image, file_name, decoded):
@@ -114,7 +123,7 @@ class RegionSSLDatasetMapper:
         plan = self.view_generator.plan(image.height, image.width)
         r = image.max_decode_reduction(max_reduction(plan)) if self.jpeg_draft and plan is not None else 1
         if r not in decoded:
-            decoded[r] = image.decode(r)
+            decoded[r] = image.decode(r, array=self.view_generator.reads_array())
         return self.view_generator.render(decoded[r], plan, file_name)
 
     def _views_and_regions(self, image, file_name=None):
@@ -170,14 +179,19 @@ class RegionSSLDatasetMapper:
             "box_groups": torch.as_tensor(regions.groups, dtype=torch.int64),
             "skipped_files": self.skipped.take_new(),
         }
+        params = []
         for v, view in enumerate(views):
             aug = self.photometric[min(v, len(self.photometric) - 1)]
             pixels = view.image
-            if aug.augs:
+            if self.photometric_on_device is not None:  # the same draws, applied by the model
+                params.append(encode_photometric([a.get_transform(pixels) for a in aug.augs], **self.photometric_on_device))
+            elif aug.augs:
                 aug_input = T.AugInput(view.image)
                 aug(aug_input)
                 pixels = aug_input.image
             out["views"].append(torch.as_tensor(np.ascontiguousarray(pixels.transpose(2, 0, 1))))
+        if params:
+            out["photometric"] = torch.stack(params)
         if any(view.mask is not None for view in views):
             out["masks"] = [torch.as_tensor(view.mask, dtype=torch.float32) for view in views]
         if self.jitter is not None:

@@ -49,6 +49,16 @@ def _gray(img):
     return cv2.transform(img, _GRAY_WEIGHTS).reshape(img.shape[:2])
 
 
+def _mix(img, matrix):
+    """Per-pixel colour matrix: (H, W, 3) uint8 -> ``matrix @ rgb``, rounded and saturated, one pass."""
+    return cv2.transform(img, np.asarray(matrix, dtype=np.float32)).reshape(img.shape)
+
+
+def _mean_luma(img):
+    """Mean of the (unrounded) luma, as torchvision's contrast takes it: weights . channel means."""
+    return float(_GRAY_WEIGHTS[0] @ np.array(cv2.mean(img)[:3], dtype=np.float32)) if img.size else 0.0
+
+
 def _lut(values):
     """Float table over 0..255 -> rounded, saturated uint8 lookup table."""
     return np.clip(np.rint(values), 0, 255).astype(np.uint8)
@@ -64,20 +74,31 @@ def adjust_brightness(img, factor):
 
 def adjust_contrast(img, factor):
     """Blend with the image's mean luma m: ``factor * img + (1 - factor) * m``."""
-    mean = float(_gray(img).mean()) if img.size else 0.0
-    return cv2.LUT(img, _lut(factor * _LEVELS + (1.0 - factor) * mean))
+    return cv2.LUT(img, _lut(factor * _LEVELS + (1.0 - factor) * _mean_luma(img)))
 
 
 def adjust_saturation(img, factor):
-    """Blend with the per-pixel luma: ``factor * img + (1 - factor) * gray``."""
-    gray = cv2.cvtColor(_gray(img), cv2.COLOR_GRAY2RGB)
-    return cv2.addWeighted(img, factor, gray, 1.0 - factor, 0.0)
+    """Blend with the per-pixel luma: ``factor * img + (1 - factor) * gray``, i.e. the colour matrix
+    ``factor * I + (1 - factor) * 1 w^T`` (w: luma weights), in one pass."""
+    return _mix(img, factor * np.eye(3) + (1.0 - factor) * np.repeat(_GRAY_WEIGHTS, 3, axis=0))
 
 
 def adjust_hue(img, factor):
     """Rotate the hue by ``factor`` turns (in [-0.5, 0.5]), keeping saturation and value."""
-    rgb = deepmind_hue(img.astype(np.float32) * (1.0 / 255.0), factor)
-    return np.clip(rgb * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    rgb = _rotate_hue(img.astype(np.float32), factor)
+    rgb += 0.5  # HSV -> RGB stays within [min_c, max_c] of the input: in [0, 255], no clipping needed
+    return rgb.astype(np.uint8)
+
+
+def _rotate_hue(x, delta):
+    """(H, W, 3) float32 RGB of any scale -> the same with the HSV hue turned by ``delta`` turns.
+
+    OpenCV's float HSV keeps the scale (V = max_c x) and wraps any hue in [0, 720) degrees back, so
+    adding ``delta mod 1`` turns needs no modulo pass.
+    """
+    hsv = cv2.cvtColor(x, cv2.COLOR_RGB2HSV)  # H in degrees
+    hsv[..., 0] += np.float32(360.0 * (delta % 1.0))
+    return cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
 
 
 # DeepMind BYOL's colour ops, on float32 (H, W, 3) RGB in [0, 1]; each result is clipped to [0, 1].
@@ -107,9 +128,7 @@ def deepmind_saturation(x, factor):
 
 def deepmind_hue(x, delta):
     """HSV hue H -> (H + delta) mod 1 turn (the same rotation as torchvision's ``adjust_hue``)."""
-    hsv = cv2.cvtColor(np.ascontiguousarray(x, dtype=np.float32), cv2.COLOR_RGB2HSV)  # H in degrees
-    hsv[..., 0] = np.mod(hsv[..., 0] + 360.0 * delta, 360.0)
-    return np.clip(cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB), 0.0, 1.0)
+    return np.clip(_rotate_hue(np.ascontiguousarray(x, dtype=np.float32), delta), 0.0, 1.0)
 
 
 class _PixelTransform(Transform):
@@ -163,7 +182,7 @@ class GrayscaleTransform(_PixelTransform):
 
     def apply_image(self, img):
         _check(img)
-        return cv2.cvtColor(_gray(img), cv2.COLOR_GRAY2RGB)
+        return _mix(img, np.repeat(_GRAY_WEIGHTS, 3, axis=0))
 
 
 class GaussianBlurTransform(_PixelTransform):
@@ -177,10 +196,9 @@ class GaussianBlurTransform(_PixelTransform):
 
     def apply_image(self, img):
         _check(img)
-        k = 2 * int(np.ceil(4.0 * self.sigma)) + 1
-        return cv2.GaussianBlur(
-            img, (k, k), sigmaX=self.sigma, sigmaY=self.sigma, borderType=cv2.BORDER_REFLECT_101
-        )
+        # float separable filter: 2x OpenCV's bit-exact fixed-point GaussianBlur, within 1 level of it
+        kernel = cv2.getGaussianKernel(2 * int(np.ceil(4.0 * self.sigma)) + 1, self.sigma, cv2.CV_32F)
+        return cv2.sepFilter2D(img, -1, kernel, kernel, borderType=cv2.BORDER_REFLECT_101)
 
 
 class ResizeBlurTransform(_PixelTransform):

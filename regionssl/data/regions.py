@@ -84,6 +84,15 @@ def box_iou_np(a, b):
     return inter / np.maximum(area_a[:, None] + area_b[None, :] - inter, 1e-12)
 
 
+def _iou(a, b):
+    """IoU of two XYXY boxes given as tuples of floats (box_iou_np for one pair, without numpy)."""
+    iw = min(a[2], b[2]) - max(a[0], b[0])
+    ih = min(a[3], b[3]) - max(a[1], b[1])
+    inter = iw * ih if iw > 0 and ih > 0 else 0.0
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / max(union, 1e-12)
+
+
 def _empty(n=0):
     return np.zeros((n, 4), dtype=np.float64)
 
@@ -173,17 +182,18 @@ class IntersectionBoxes(RegionSampler):
         W, H = int(round((r - l) * sw)), int(round((btm - t) * sh))
         if W <= self.min_size or H <= self.min_size:
             return RegionSet(boxes=_empty(), groups=groups, check_views=[0, 1])
-        accepted = []
+        l, t, r, btm = float(l), float(t), float(r), float(btm)
+        accepted = []  # up to 10 boxes x 50 tries: plain floats, numpy's per-call cost would dominate
         for _ in range(self.max_boxes):
             for _ in range(self.max_tries):
                 x, w = self._axis_candidate(W)
                 y, h = self._axis_candidate(H)
-                cand = np.array([l + x / sw, t + y / sh, l + (x + w) / sw, t + (y + h) / sh])
-                cand = np.minimum(cand, [r, btm, r, btm])  # see docstring: rounding of W, H
-                if not accepted or box_iou_np(cand, np.stack(accepted)).max() < self.iou_threshold:
+                # clipped: see docstring (rounding of W, H)
+                cand = (min(l + x / sw, r), min(t + y / sh, btm), min(l + (x + w) / sw, r), min(t + (y + h) / sh, btm))
+                if all(_iou(cand, box) < self.iou_threshold for box in accepted):
                     break
             accepted.append(cand)
-        boxes = np.stack(accepted)
+        boxes = np.array(accepted, dtype=np.float64)
         return RegionSet(boxes=boxes, groups=np.zeros(len(boxes), dtype=np.int64), check_views=[0, 1])
 
 

@@ -253,6 +253,9 @@ class SaliencySwap(CompositingViewGenerator):
         mask = tfm.apply_segmentation(np.round(sal * 255).astype(np.uint8)).astype(np.float32) / 255
         return View(tfm.apply_image(image), tfm, box, mask)
 
+    def reads_array(self):
+        return True  # saliency and compositing work on arrays
+
     def render(self, pixels, plan, file_name=None) -> List[View]:
         image = pixels.array()
         sal, window = self.salient_window(image, file_name)

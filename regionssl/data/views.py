@@ -26,13 +26,14 @@ import abc
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
+import cv2
 import numpy as np
 from detectron2.config import configurable
 from detectron2.data import transforms as T
 from detectron2.utils.registry import Registry
 
 from ..config import per_level
-from .augmentations import INTERPOLATIONS, PasteTransform, resized_crop_transform, sample_resized_crop
+from .augmentations import CV2_BILINEAR, INTERPOLATIONS, PasteTransform, resized_crop_transform, sample_resized_crop
 from .image_io import DecodedImage, as_background_source
 
 __all__ = [
@@ -103,7 +104,7 @@ def _maybe_flip(view_tfm, out_w, flip):
 
 
 def _flip_pixels(img, flip):
-    return np.ascontiguousarray(img[:, ::-1]) if flip else img
+    return cv2.flip(img, 1) if flip else img  # 30x numpy's contiguous copy of img[:, ::-1]
 
 
 def _source_box(box):
@@ -129,6 +130,11 @@ class ViewGenerator(abc.ABC):
     Subclasses implement :meth:`render` and, when their geometry can be drawn from the image size
     alone, :meth:`plan` (then the mapper decodes JPEGs at a reduced scale the plan allows).
     """
+
+    def reads_array(self) -> bool:
+        """Whether :meth:`render` reads the pixels as an array (OpenCV resampling) rather than as a
+        PIL image; the mapper then has JPEGs decoded straight to an array (``ImageFile.decode``)."""
+        return getattr(self, "interp", None) == CV2_BILINEAR
 
     def plan(self, height, width) -> Optional[List[CropSpec]]:
         """The views' geometry for an (height, width) image, drawn before decoding; None (the

@@ -11,6 +11,8 @@ import cv2
 import numpy as np
 import torch
 
+from ..data.photometric_batch import apply_photometric
+
 __all__ = ["draw_sample"]
 
 _GAP = 6  # px between views
@@ -90,7 +92,10 @@ def draw_sample(mapped, min_height=256, max_regions=12, show_invalid=True):
     Returns:
         (H, W, 3) uint8 RGB.
     """
-    views = [_hwc(v) for v in mapped["views"]]
+    views = mapped["views"]
+    if "photometric" in mapped:  # PHOTOMETRIC.ON_DEVICE: show the views as the model will see them
+        views = [apply_photometric(v[None], p[None])[0] for v, p in zip(views, mapped["photometric"])]
+    views = [_hwc(v) for v in views]
     boxes = [_numpy(b).reshape(-1, 4).astype(np.float64) for b in mapped.get("boxes", [np.zeros((0, 4))] * len(views))]
     n_rows = len(boxes[0]) if boxes else 0
     valid = _numpy(mapped["valid"]).astype(bool) if "valid" in mapped else np.ones(n_rows, bool)

@@ -24,6 +24,7 @@ from detectron2.config import configurable
 from detectron2.utils.events import get_event_storage
 from torch import nn
 
+from ...data.photometric_batch import apply_photometric
 from ...utils.distributed import to_device
 from ..encoders import build_encoder
 from ..momentum import ema_update, make_momentum_copy, momentum_at
@@ -144,6 +145,15 @@ class RegionSSLBase(nn.Module):
         """
         return torch.stack([v.to(self.device, non_blocking=True) for v in views])
 
+    def view_uint8(self, batched_inputs, v):
+        """(N, 3, H, W) uint8 images of view ``v`` on the model device; when the mapper shipped the
+        photometric draws instead of applying them (``"photometric"``, INPUT.REGIONSSL.PHOTOMETRIC.ON_DEVICE),
+        they are applied here, batched."""
+        x = self.view_pixels([d["views"][v] for d in batched_inputs])
+        if "photometric" in batched_inputs[0]:
+            x = apply_photometric(x, torch.stack([d["photometric"][v] for d in batched_inputs]))
+        return x
+
     def model_input(self, x):
         """(N, 3, H, W) uint8 pixels -> normalised float, padded for the backbone.
 
@@ -168,7 +178,7 @@ class RegionSSLBase(nn.Module):
 
     def view_batch(self, batched_inputs, v):
         """Images of view ``v`` of every input: (N, 3, H, W) normalised."""
-        return self.normalize([d["views"][v] for d in batched_inputs])
+        return self.model_input(self.view_uint8(batched_inputs, v))
 
     def view_boxes(self, batched_inputs, v, key="boxes"):
         """Per-image (R_i, 4) boxes of view ``v`` on the model device, only valid rows.

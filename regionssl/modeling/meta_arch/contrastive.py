@@ -195,7 +195,7 @@ class ContrastiveBase(RegionSSLBase):
     def losses(self, batched_inputs):
         q = self.query_embed(self.view_batch(batched_inputs, 0), self.query_boxes(batched_inputs))
         with torch.no_grad():
-            images = self.view_pixels([d["views"][1] for d in batched_inputs])  # uint8: shuffled as such
+            images = self.view_uint8(batched_inputs, 1)  # uint8: shuffled as such
             boxes = self.view_boxes(batched_inputs, 1)
             plan = self.key_plan(images, boxes)
             k = self.key_embed(images, boxes, plan)

@@ -236,7 +236,7 @@ class ReSim(ContrastiveBase):
         query = self.encoder.features(self.view_batch(batched_inputs, 0))
         q = self.instance_embedding(self.encoder, self.projector, query)
         with torch.no_grad():
-            k, key_maps = self.key_features(self.view_pixels([d["views"][1] for d in batched_inputs]))
+            k, key_maps = self.key_features(self.view_uint8(batched_inputs, 1))
         counts = [k.shape[1]] * world_size()  # one key per image, N on every rank
         (instance,) = self.contrastive_losses(q, k, key_counts=counts).values()  # already weighted by w_inst
         return {"loss_instance": instance, **self.region_losses(batched_inputs, query, key_maps)}
