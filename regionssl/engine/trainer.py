@@ -119,6 +119,11 @@ class _Trainer(DefaultTrainer):
         self.cfg = cfg
         self.register_hooks(self.build_hooks())
 
+    @property
+    def step_runner(self):
+        """The SimpleTrainer/AMPTrainer (or accumulating twin) that runs each iteration."""
+        return self._trainer
+
     @staticmethod
     def auto_scale_workers(cfg, num_workers):
         """Detectron2's REFERENCE_WORLD_SIZE scaling (+ regionssl's keys, :func:`setup.auto_scale_workers`);

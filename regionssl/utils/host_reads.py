@@ -157,10 +157,11 @@ class HostReadCounter(TorchFunctionMode):
 def count_trainer_step(trainer, batch):
     """Run one iteration of a Detectron2 trainer (hooks included) on ``batch``; return its counter.
 
-    The trainer must be inside its ``EventStorage`` with ``before_train`` done. Loading the batch is
+    The trainer (a regionssl trainer: it exposes ``step_runner``) must be inside its ``EventStorage``
+    with ``before_train`` done. Loading the batch is
     not part of the count: the loader's output is given as the host tensors.
     """
-    trainer._trainer.reset_data_loader(lambda: iter([batch]))
+    trainer.step_runner.reset_data_loader(lambda: iter([batch]))
     with HostReadCounter(host_tensors=batch) as counter:
         trainer.before_step()
         trainer.run_step()
