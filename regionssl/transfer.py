@@ -95,7 +95,8 @@ def config_differences(old_text, new_text):
 
     A key only one side has is not a difference: a config key added to the code later keeps the
     old behaviour at its default (the project's rule for new keys), so runs made before it remain
-    valid.
+    valid. ``OUTPUT_DIR`` is where the run lies, not what it computed: a benchmark directory that
+    was moved or copied elsewhere is still reused.
     """
     import yaml
 
@@ -108,7 +109,8 @@ def config_differences(old_text, new_text):
         return {prefix[:-1]: node}
 
     a, b = flat(yaml.safe_load(old_text) or {}), flat(yaml.safe_load(new_text) or {})
-    return [f"{k}: {a[k]!r} -> {b[k]!r}" for k in sorted(set(a) & set(b)) if a[k] != b[k]]
+    keys = sorted((set(a) & set(b)) - {"OUTPUT_DIR"})
+    return [f"{k}: {a[k]!r} -> {b[k]!r}" for k in keys if a[k] != b[k]]
 
 
 def check_run_identity(run_dir, identity, check_weights=True):

@@ -139,6 +139,11 @@ def test_run_identity_compares_config_and_weights(tmp_path):
     # a key the code gained since (at its default) does not invalidate the run
     newer = transfer.config_identity("SOLVER:\n  MAX_ITER: 5\n  NEW_KEY: 1\n", "abc")
     assert transfer.check_run_identity(str(run_dir), newer) == "same"
+    # a benchmark directory copied elsewhere: only OUTPUT_DIR differs, the run is reused
+    (run_dir / transfer.RUN_FILE).write_text(json.dumps(transfer.config_identity("OUTPUT_DIR: /a/run\nSEED: 0\n", "abc")))
+    assert transfer.check_run_identity(str(run_dir), transfer.config_identity("OUTPUT_DIR: /b/run\nSEED: 0\n", "abc")) == "same"
+    with pytest.raises(transfer.TransferError, match="SEED: 0 -> 1"):
+        transfer.check_run_identity(str(run_dir), transfer.config_identity("OUTPUT_DIR: /b/run\nSEED: 1\n", "abc"))
 
 
 def test_missing_checkpoint_stops_naming_it(tmp_path):
