@@ -18,6 +18,7 @@ import argparse
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -93,12 +94,20 @@ def probe(name, out):
     return probe(name, out)
 
 
-def read_metrics(run):
+# Detectron2 logs only ``total_loss`` for a model with one loss term: its name, per method
+SINGLE_LOSS = {"InsLoc": "loss_contrast", "MoCoV2": "loss_contrast", "BYOL": "loss_byol", "SwAV": "loss_swav",
+               "SCRL": "loss_scrl"}
+
+
+def read_metrics(run, meta_architecture=None):
+    """Training rows of ``metrics.json``; with one loss term, ``total_loss`` is also given its name."""
     rows = []
     with open(os.path.join(run, "metrics.json")) as f:
         for line in f:
             d = json.loads(line)
             if "iteration" in d and "total_loss" in d:
+                if not any(k.startswith("loss_") for k in d) and meta_architecture in SINGLE_LOSS:
+                    d[SINGLE_LOSS[meta_architecture]] = d["total_loss"]
                 rows.append(d)
     return rows
 
@@ -123,6 +132,24 @@ def chance_levels(cfg, metrics_row):
     return out
 
 
+def training_seconds(run):
+    """Wall seconds of the pretraining: ``train_seconds.json`` (this tool's runs), else the last
+    "Total training time" of Detectron2's log (a run started by hand or resumed elsewhere)."""
+    path = os.path.join(run, "train_seconds.json")
+    if os.path.isfile(path):
+        with open(path) as f:
+            return json.load(f)["seconds"]
+    found = re.findall(r"Total training time: (\d+):(\d+):(\d+)", open(os.path.join(run, "log.txt")).read())
+    if not found:
+        return float("nan")
+    h, m, s = map(int, found[-1])
+    return 3600 * h + 60 * m + s
+
+
+def _signed_stat(values):
+    return f"{sum(values) / len(values):+.3f} ({min(values):+.3f} to {max(values):+.3f})"
+
+
 def _stat(values):
     return f"{sum(values) / len(values):.3f} ({min(values):.3f}-{max(values):.3f})"
 
@@ -132,7 +159,7 @@ def summarize(name, out):
 
     run = os.path.join(out, name)
     cfg = get_regionssl_cfg(config_path(name))
-    rows = read_metrics(run)
+    rows = read_metrics(run, cfg.MODEL.META_ARCHITECTURE)
     first, last = rows[0], rows[-1]
     chance = chance_levels(cfg, last)
     losses = []
@@ -143,8 +170,7 @@ def summarize(name, out):
     stds = ", ".join(f"{first[k]:.3f} → {last[k]:.3f}" for k in std_keys[:1])
     p = probe(name, out)
     ck, rnd = p["checkpoint"], p["random init"]
-    seconds = json.load(open(os.path.join(run, "train_seconds.json")))["seconds"] if os.path.isfile(
-        os.path.join(run, "train_seconds.json")) else float("nan")
+    seconds = training_seconds(run)
     return {
         "name": name,
         "losses": "; ".join(losses),
@@ -154,6 +180,9 @@ def summarize(name, out):
         "image": _stat([ck[s]["image_top1"] for s in ck]),
         "image_random": _stat([rnd[s]["image_top1"] for s in rnd]),
         "apart": min(ck[s]["top1"] for s in ck) > max(rnd[s]["top1"] for s in rnd),
+        # a probe seed shows both models the same views: the per-seed difference is the paired gain
+        "gain": _signed_stat([ck[s]["top1"] - rnd[s]["top1"] for s in ck]),
+        "gain_seeds": sum(ck[s]["top1"] > rnd[s]["top1"] for s in ck),
         "minutes": seconds / 60,
         "chance": next(iter(ck.values()))["chance"],
         "curve": [(r["iteration"], {k: r[k] for k in r if k.startswith("loss_")}) for r in rows],
@@ -165,14 +194,16 @@ def write_report(summaries, folder):
     os.makedirs(folder, exist_ok=True)
     lines = [
         "| recipe | losses: first → last logged / chance | emb_std first → last | region top-1 | random init | "
-        "photo top-1 | random init | region seeds apart | train min |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "photo top-1 | random init | region gain (paired) | seeds apart | train min |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in summaries:
         lines.append(f"| {s['name']} | {s['losses']} | {s['emb_std']} | **{s['region']}** | {s['region_random']} | "
-                     f"{s['image']} | {s['image_random']} | {'yes' if s['apart'] else 'no'} | {s['minutes']:.0f} |")
+                     f"{s['image']} | {s['image_random']} | {s['gain']}, {s['gain_seeds']}/{len(SEEDS)} seeds > 0 | "
+                     f"{'yes' if s['apart'] else 'no'} | {s['minutes']:.0f} |")
     chance = summaries[0]["chance"] if summaries else float("nan")
-    lines.append(f"\nRegion top-1 chance: {chance:.4f}. Mean (min-max) over probe seeds {', '.join(map(str, SEEDS))}.")
+    lines.append(f"\nRegion top-1 chance: {chance:.4f}. Mean (min-max) over probe seeds {', '.join(map(str, SEEDS))}; "
+                 "region gain: checkpoint minus random init on the same views, per seed.")
     with open(os.path.join(folder, "learning.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     with open(os.path.join(folder, "learning.json"), "w") as f:
