@@ -282,9 +282,10 @@ class DecodedImage:
         r = self.reduction
         x0, y0, w, h = box
         if interp == CV2_BILINEAR:
-            if r == 1 and all(float(v).is_integer() for v in box):
-                crop = self.array()[int(y0) : int(y0 + h), int(x0) : int(x0 + w)]
-                return cv2.resize(crop, (out_w, out_h), interpolation=cv2.INTER_LINEAR)
+            if all(float(v / r).is_integer() for v in box):  # whole decoded pixels (any box at r = 1,
+                # a whole background at r > 1): crop + resize, as mmcv, 3x faster than warpAffine
+                x0, y0, w, h = (int(v // r) for v in box)
+                return cv2.resize(self.array()[y0 : y0 + h, x0 : x0 + w], (out_w, out_h), interpolation=cv2.INTER_LINEAR)
             # fractional source box: the affine map of output pixel centres onto input pixel centres
             sx, sy = w / r / out_w, h / r / out_h
             m = np.array([[sx, 0, x0 / r + 0.5 * sx - 0.5], [0, sy, y0 / r + 0.5 * sy - 0.5]])
@@ -302,10 +303,10 @@ class BackgroundSource:
     interface over a function that returns arrays.
     """
 
-    def __init__(self, file_names, max_tries=10, draft=True, skipped=None):
+    def __init__(self, file_names, max_tries=10, skipped=None):
         if not file_names:
             raise ValueError("BackgroundSource needs at least one image")
-        self.file_names, self.max_tries, self.draft = list(file_names), max_tries, draft
+        self.file_names, self.max_tries = list(file_names), max_tries
         self.skipped = skipped  # SkippedFiles shared with the mapper: unreadable backgrounds count too
 
     def __call__(self):
@@ -322,12 +323,20 @@ class BackgroundSource:
 
     def resized(self, out_h, out_w, interp):
         """A random readable image resized to (out_h, out_w, 3) uint8 (aspect not kept, as InsLoc's
-        ``mmcv.imresize``); large JPEGs are decoded at the coarsest scale still >= the output."""
+        ``mmcv.imresize``).
+
+        A JPEG is always decoded at its pasted size: at the coarsest DCT scale 1/r whose pixels
+        still outnumber the output's on both axes (whatever ``JPEG_DRAFT`` says, which governs the
+        sample's own image). The whole image is shrunk anyway, so the DCT scaling only acts as an
+        area pre-filter before the resize: on 1280x960 photos the canvas differs from full decode +
+        resize by 0.6-2.5 grey levels on average, same mean, slightly less aliasing
+        (tests/test_fast_paths.py), for a third of the decode.
+        """
         for _ in range(self.max_tries):
             item = open_image_or_none(random.choice(self.file_names), self.skipped, "a background")
             if item is None:
                 continue
-            reduction = min(item.width / out_w, item.height / out_h) if self.draft else 1
+            reduction = min(item.width / out_w, item.height / out_h)
             decoded = decode_or_none(item, reduction, self.skipped, "a background", array=interp == CV2_BILINEAR)
             if decoded is not None:
                 return decoded.resized_crop((0, 0, item.width, item.height), out_w, out_h, interp)

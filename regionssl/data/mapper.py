@@ -74,7 +74,7 @@ class RegionSSLDatasetMapper:
         c = cfg.INPUT.REGIONSSL
         files = [d["file_name"] for d in dataset_dicts or []]
         skipped = SkippedFiles()
-        background = BackgroundSource(files, draft=c.JPEG_DRAFT, skipped=skipped) if files else None
+        background = BackgroundSource(files, skipped=skipped) if files else None
         p = c.PHOTOMETRIC
         n = max(len(p.BLUR_PROB), len(p.SOLARIZE_PROB))
         photometric = []
