@@ -164,6 +164,7 @@ def _add_input_keys(cfg):
     # member each, so every group is drawn equally often and a batch rarely holds one group twice.
     i.BALANCE_GROUPS = False
     # Decode JPEGs at 1/2, 1/4 or 1/8 scale (libjpeg DCT scaling) when every crop shrinks at least that much.
+    # (CopyPaste's backgrounds, squeezed whole into the canvas, are always decoded at their pasted size.)
     i.JPEG_DRAFT = True
 
     i.PHOTOMETRIC = CN()

@@ -74,7 +74,7 @@ class RegionSSLDatasetMapper:
         c = cfg.INPUT.REGIONSSL
         files = [d["file_name"] for d in dataset_dicts or []]
         skipped = SkippedFiles()
-        background = BackgroundSource(files, draft=c.JPEG_DRAFT, skipped=skipped) if files else None
+        background = BackgroundSource(files, skipped=skipped) if files else None
         p = c.PHOTOMETRIC
         n = max(len(p.BLUR_PROB), len(p.SOLARIZE_PROB))
         photometric = []
@@ -123,7 +123,7 @@ class RegionSSLDatasetMapper:
         plan = self.view_generator.plan(image.height, image.width)
         r = image.max_decode_reduction(max_reduction(plan)) if self.jpeg_draft and plan is not None else 1
         if r not in decoded:
-            decoded[r] = image.decode(r, array=self.view_generator.reads_array())
+            decoded[r] = image.decode(r, array=self.view_generator.reads_array(r))
         return self.view_generator.render(decoded[r], plan, file_name)
 
     def _views_and_regions(self, image, file_name=None):

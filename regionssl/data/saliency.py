@@ -253,7 +253,7 @@ class SaliencySwap(CompositingViewGenerator):
         mask = tfm.apply_segmentation(np.round(sal * 255).astype(np.uint8)).astype(np.float32) / 255
         return View(tfm.apply_image(image), tfm, box, mask)
 
-    def reads_array(self):
+    def reads_array(self, reduction=1):
         return True  # saliency and compositing work on arrays
 
     def render(self, pixels, plan, file_name=None) -> List[View]:

@@ -33,8 +33,8 @@ from detectron2.data import transforms as T
 from detectron2.utils.registry import Registry
 
 from ..config import per_level
-from .augmentations import CV2_BILINEAR, INTERPOLATIONS, PasteTransform, resized_crop_transform, sample_resized_crop
-from .image_io import DecodedImage, as_background_source
+from .augmentations import INTERPOLATIONS, PasteTransform, resized_crop_transform, sample_resized_crop
+from .image_io import DecodedImage, as_background_source, reads_array
 
 __all__ = [
     "View", "CropSpec", "ViewGenerator", "CompositingViewGenerator", "VIEW_GENERATOR_REGISTRY",
@@ -131,10 +131,11 @@ class ViewGenerator(abc.ABC):
     alone, :meth:`plan` (then the mapper decodes JPEGs at a reduced scale the plan allows).
     """
 
-    def reads_array(self) -> bool:
-        """Whether :meth:`render` reads the pixels as an array (OpenCV resampling) rather than as a
-        PIL image; the mapper then has JPEGs decoded straight to an array (``ImageFile.decode``)."""
-        return getattr(self, "interp", None) == CV2_BILINEAR
+    def reads_array(self, reduction=1) -> bool:
+        """Whether :meth:`render` reads the pixels of a decode at ``1 / reduction`` as an array
+        (OpenCV or torch resampling, ``image_io.reads_array``) rather than as a PIL image; the
+        mapper then has JPEGs decoded straight to an array (``ImageFile.decode``)."""
+        return reads_array(getattr(self, "interp", None), reduction)
 
     def plan(self, height, width) -> Optional[List[CropSpec]]:
         """The views' geometry for an (height, width) image, drawn before decoding; None (the
