@@ -1,4 +1,4 @@
-"""Pictures of mapped samples (regionssl/utils/visualize.py), the tools command and the VIS_PERIOD hook."""
+"""Pictures of mapped samples (regionssl/data/visualize.py), the tools command and the VIS_PERIOD hook."""
 import glob
 import os
 
@@ -11,7 +11,7 @@ import regionssl  # noqa: F401
 from regionssl.data import RegionSSLDatasetMapper
 from regionssl.data.demo_images import demo_image_files
 from regionssl.engine import PretrainTrainer, adapt_to_machine, get_regionssl_cfg
-from regionssl.utils.visualize import _HEADER, _PALETTE, draw_sample
+from regionssl.data.visualize import _HEADER, _PALETTE, draw_sample
 
 from conftest import ROOT
 import visualize_views  # tools/

@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Write pictures of what the pretraining mapper makes: views side by side, matched regions in the
-same colour in every view (``regionssl.utils.visualize.draw_sample``).
+same colour in every view (``regionssl.data.visualize.draw_sample``).
 
     python tools/visualize_views.py --config-file configs/insloc_fpn.yaml --num 8 --output vis/insloc
     python tools/visualize_views.py --config-file configs/mocov2.yaml --num 4 --output vis/resim \
@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import regionssl  # noqa: E402,F401  (registers datasets and samplers)
 from regionssl.data import RegionSSLDatasetMapper, get_pretrain_dataset_dicts  # noqa: E402
 from regionssl.engine import get_regionssl_cfg  # noqa: E402
-from regionssl.utils.visualize import draw_sample  # noqa: E402
+from regionssl.data.visualize import draw_sample  # noqa: E402
 
 
 def main(argv=None):

@@ -136,7 +136,7 @@ class ViewPairVisualizer(HookBase):
         it = self.trainer.iter + 1
         if self._period <= 0 or it % self._period != 0 or not comm.is_main_process():
             return
-        from ..utils.visualize import draw_sample
+        from ..data.visualize import draw_sample
 
         batch = getattr(self.trainer.data_loader, "last_batch", None)
         if not batch:

@@ -11,7 +11,7 @@ import cv2
 import numpy as np
 import torch
 
-from ..data.photometric_batch import apply_photometric
+from .photometric_batch import apply_photometric
 
 __all__ = ["draw_sample"]
 
