@@ -100,7 +100,8 @@ SINGLE_LOSS = {"InsLoc": "loss_contrast", "MoCoV2": "loss_contrast", "BYOL": "lo
 
 
 def read_metrics(run, meta_architecture=None):
-    """Training rows of ``metrics.json``; with one loss term, ``total_loss`` is also given its name."""
+    """Training rows of ``metrics.json`` (the last pass over each iteration); with one loss term,
+    ``total_loss`` is also given its name."""
     rows = []
     with open(os.path.join(run, "metrics.json")) as f:
         for line in f:
@@ -108,6 +109,8 @@ def read_metrics(run, meta_architecture=None):
             if "iteration" in d and "total_loss" in d:
                 if not any(k.startswith("loss_") for k in d) and meta_architecture in SINGLE_LOSS:
                     d[SINGLE_LOSS[meta_architecture]] = d["total_loss"]
+                # a restarted or resumed run appends to the file: its rows replace the ones it redoes
+                rows = [r for r in rows if r["iteration"] < d["iteration"]]
                 rows.append(d)
     return rows
 
