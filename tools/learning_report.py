@@ -110,7 +110,8 @@ def read_metrics(run, meta_architecture=None):
                 if not any(k.startswith("loss_") for k in d) and meta_architecture in SINGLE_LOSS:
                     d[SINGLE_LOSS[meta_architecture]] = d["total_loss"]
                 # a restarted or resumed run appends to the file: its rows replace the ones it redoes
-                rows = [r for r in rows if r["iteration"] < d["iteration"]]
+                if rows and rows[-1]["iteration"] >= d["iteration"]:
+                    rows = [r for r in rows if r["iteration"] < d["iteration"]]
                 rows.append(d)
     return rows
 
