@@ -35,8 +35,8 @@ def insloc():
     return build_model(_cfg("insloc_c4_instant_test.yaml"))
 
 
-HEALTHY = {"loss_contrast_res4": 2.0, "regionssl/emb_std_res4": 0.05, "regionssl/pos_sim_res4": 0.8,
-           "regionssl/neg_sim_res4": 0.3, "loss_other": 1.0}
+HEALTHY = {"loss_contrast_res4": 2.0, "regionssl/emb_std_res4": 0.05, "regionssl/emb_rank_res4": 0.6,
+           "regionssl/pos_sim_res4": 0.8, "regionssl/neg_sim_res4": 0.3, "loss_other": 1.0}
 # one embedding for every input: std ~0, every logit equal (loss = ln 33), positive = negatives
 COLLAPSED = {"loss_contrast_res4": math.log(33), "regionssl/emb_std_res4": 0.002, "regionssl/pos_sim_res4": 0.99,
              "regionssl/neg_sim_res4": 0.99, "loss_other": 1.0}
@@ -59,8 +59,9 @@ def _warnings(caplog):
 
 def test_insloc_signals(insloc):
     (s,) = insloc.learning_signals()
-    assert (s.loss, s.emb_std, s.pos_sim, s.neg_sim) == (
-        "loss_contrast_res4", "regionssl/emb_std_res4", "regionssl/pos_sim_res4", "regionssl/neg_sim_res4")
+    assert (s.loss, s.emb_std, s.pos_sim, s.neg_sim, s.emb_rank) == (
+        "loss_contrast_res4", "regionssl/emb_std_res4", "regionssl/pos_sim_res4", "regionssl/neg_sim_res4",
+        "regionssl/emb_rank_res4")
     assert s.chance == pytest.approx(math.log(33)) and s.dim == 128 and s.weight == 1.0
     assert s.chance_text == "ln(K+1), K = 32 queue negatives"
 
@@ -83,6 +84,48 @@ def test_collapse_warns_once_with_the_numbers(insloc, caplog):
     assert "[loss_contrast_res4: loss 3.497, emb_std 0.002, pos_sim 0.99, neg_sim 0.99, chance 3.4965; " \
            "medians over the last 20 iterations]" in lines[1]
     assert len(lines) == 5 and "repeated at most every 1000 iterations" in lines[4]
+
+
+def test_embedding_rank_exact_values():
+    from regionssl.modeling.meta_arch.base import RegionSSLBase as Base
+
+    assert float(Base.embedding_rank(torch.eye(4, 8) * 3.0)) == pytest.approx(1.0)  # orthogonal rows
+    v = torch.randn(128, generator=torch.Generator().manual_seed(0))
+    signs = torch.tensor([1.0, -1, -1, 1, 1, -1, 1, -1])
+    assert float(Base.embedding_rank(signs[:, None] * v)) == pytest.approx(0.0, abs=1e-6)  # +-v: one line
+    # more rows than dimensions: e1, e2 three times each span both directions equally -> PR = 2 = D
+    assert float(Base.embedding_rank(torch.eye(2).repeat(3, 1))) == pytest.approx(1.0)
+    assert float(Base.embedding_rank(torch.eye(2).repeat(3, 1)[:1])) == 1.0  # one row: nothing to judge
+    # four rows on one line, four on an orthogonal one: PR = 64 / (16 + 16) = 2 of at most 8
+    two_lines = torch.cat([torch.eye(128)[0].expand(4, -1), -torch.eye(128)[1].expand(4, -1)])
+    assert float(Base.embedding_rank(two_lines)) == pytest.approx(1 / 7)
+
+
+def test_output_batchnorm_collapse_is_seen_by_rank_not_std():
+    """Every input's embedding is +-v (session 5's MoCo v3 output BN): after the BN each dimension
+    has unit std over the batch, so emb_std looks like uniformly spread vectors; emb_rank is ~0."""
+    from regionssl.modeling.meta_arch.base import RegionSSLBase as Base
+
+    g = torch.Generator().manual_seed(0)
+    signs = torch.tensor([1.0, -1, -1, 1, 1, -1, 1, -1])
+    z = signs[:, None] * torch.randn(128, generator=g) + 0.01 * torch.randn(8, 128, generator=g)
+    z = torch.nn.functional.batch_norm(z, None, None, training=True)
+    assert float(Base.embedding_std(z)) > 0.9 / math.sqrt(128)  # healthy-looking
+    assert float(Base.embedding_rank(z)) < 0.01  # the guard warns below 0.02
+    healthy = torch.nn.functional.batch_norm(torch.randn(8, 128, generator=g), None, None, training=True)
+    assert float(Base.embedding_rank(healthy)) > 0.8
+
+
+def test_rank_collapse_warns(insloc, caplog):
+    guard = CollapseGuard(start_iter=0, period=20, window=20)
+    line = {**HEALTHY, "regionssl/emb_rank_res4": 0.004}
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        _drive(guard, insloc, lambda it: HEALTHY if it < 20 else line, 40)
+    (message,) = _warnings(caplog)
+    assert message.splitlines()[1].strip() == (
+        "COLLAPSED at iteration 39: regionssl/emb_rank_res4 = 0.004 is below 0.02: the embeddings of different "
+        "inputs lie on (nearly) one line, with either sign. [loss_contrast_res4: loss 2, emb_std 0.05, "
+        "emb_rank 0.004, pos_sim 0.8, neg_sim 0.3, chance 3.4965; medians over the last 20 iterations]")
 
 
 def test_repeat_period_and_recovery(insloc, caplog):
@@ -236,6 +279,9 @@ def test_real_run_made_to_collapse_is_stopped(tmp_path):
     assert [p[:2] for p in problems if p[0] == "collapse"] == [
         ("collapse", f"loss_contrast_p{i}") for i in range(2, 6)]
     assert all(m["emb_std"] < threshold / 4 for m in meds), meds
+    # the same queries seen by their spread over directions: one line on every level
+    assert [p[:2] for p in problems if p[0] == "collapse_direction"] == [
+        ("collapse_direction", f"loss_contrast_p{i}") for i in range(2, 6)]
     text = str(err.value)
     assert text.startswith("Pretraining stopped by TEST.REGIONSSL.GUARD.STOP:\nCOLLAPSED at iteration 9: "
                            f"regionssl/emb_std_p2 = {meds[0]['emb_std']:.4g} is below 0.05 x 1/sqrt(128) = 0.004419")

@@ -184,6 +184,9 @@ class CollapseGuard(HookBase):
 
     * collapse: ``emb_std < min_emb_std_fraction / sqrt(D)`` (unit vectors spread uniformly over D
       dimensions have a per-dimension std of 1/sqrt(D); one vector for every input has 0);
+    * collapse onto one direction: ``emb_rank < min_rank_fraction`` (``embedding_rank``: 0 when the
+      batch's embeddings lie on one line, as they do with either sign under an output BatchNorm,
+      which keeps every dimension's std and so hides this from ``emb_std``);
     * stall, chance: ``loss / weight > chance - min_chance_margin`` (InfoNCE's ln(K+1), SwAV's
       ln K_c: the model does not tell the positive from the negatives);
     * stall, similarity: ``pos_sim - neg_sim < min_sim_gap``.
@@ -193,10 +196,13 @@ class CollapseGuard(HookBase):
     there); with ``stop`` every process raises at the same iteration.
     """
 
-    def __init__(self, *, start_iter, period=20, window=20, min_emb_std_fraction=0.05, min_chance_margin=0.05,
-                 min_sim_gap=0.01, repeat_period=1000, stop=False):
+    SIGNALS = ("loss", "emb_std", "emb_rank", "pos_sim", "neg_sim")
+
+    def __init__(self, *, start_iter, period=20, window=20, min_emb_std_fraction=0.05, min_rank_fraction=0.02,
+                 min_chance_margin=0.05, min_sim_gap=0.01, repeat_period=1000, stop=False):
         self.start_iter, self.period, self.window = start_iter, max(period, 1), max(window, 1)
-        self.min_emb_std_fraction, self.min_chance_margin = min_emb_std_fraction, min_chance_margin
+        self.min_emb_std_fraction, self.min_rank_fraction = min_emb_std_fraction, min_rank_fraction
+        self.min_chance_margin = min_chance_margin
         self.min_sim_gap, self.repeat_period, self.stop = min_sim_gap, repeat_period, stop
         self._last_warned = {}  # (condition, loss key) -> iteration
 
@@ -207,15 +213,15 @@ class CollapseGuard(HookBase):
         if start < 0:
             start = max(cfg.SOLVER.WARMUP_ITERS, min(1000, cfg.SOLVER.MAX_ITER // 5))
         return cls(start_iter=start, period=g.PERIOD, window=g.WINDOW, min_emb_std_fraction=g.MIN_EMB_STD_FRACTION,
-                   min_chance_margin=g.MIN_CHANCE_MARGIN, min_sim_gap=g.MIN_SIM_GAP,
+                   min_rank_fraction=g.MIN_RANK_FRACTION, min_chance_margin=g.MIN_CHANCE_MARGIN, min_sim_gap=g.MIN_SIM_GAP,
                    repeat_period=g.REPEAT_PERIOD, stop=g.STOP)
 
     def medians(self, storage, signal, iteration, only_loss=False):
-        """{"loss", "emb_std", "pos_sim", "neg_sim"}: median of each of ``signal``'s keys over the
+        """{"loss", "emb_std", "emb_rank", "pos_sim", "neg_sim"}: median of each of ``signal``'s keys over the
         iterations (iteration - window, iteration], or None if absent or logged in fewer than half
         of them. ``only_loss``: the model has one loss, which Detectron2 logs as ``total_loss`` only."""
         logged, out = storage.histories(), {}
-        for name in ("loss", "emb_std", "pos_sim", "neg_sim"):
+        for name in self.SIGNALS:
             key = getattr(signal, name)
             if name == "loss" and only_loss and key not in logged:
                 key = "total_loss"
@@ -237,6 +243,10 @@ class CollapseGuard(HookBase):
                     problems.append(("collapse", s.loss, (
                         f"{s.emb_std} = {med['emb_std']:.4g} is below {self.min_emb_std_fraction} x 1/sqrt({s.dim}) "
                         f"= {threshold:.4g}: the embeddings of different inputs are (nearly) one vector. {context}")))
+            if med["emb_rank"] is not None and med["emb_rank"] < self.min_rank_fraction:
+                problems.append(("collapse_direction", s.loss, (
+                    f"{s.emb_rank} = {med['emb_rank']:.4g} is below {self.min_rank_fraction}: the embeddings of "
+                    f"different inputs lie on (nearly) one line, with either sign. {context}")))
             if med["loss"] is not None and s.chance is not None:
                 loss = med["loss"] / s.weight
                 if loss > s.chance - self.min_chance_margin:
@@ -253,7 +263,7 @@ class CollapseGuard(HookBase):
         return problems
 
     def _context(self, s, med):
-        parts = [f"{name} {med[name]:.4g}" for name in ("loss", "emb_std", "pos_sim", "neg_sim") if med[name] is not None]
+        parts = [f"{name} {med[name]:.4g}" for name in self.SIGNALS if med[name] is not None]
         if s.chance is not None:
             parts.append(f"chance {s.chance:.4f}")
         return f"[{s.loss}: {', '.join(parts)}; medians over the last {self.window} iterations]"
@@ -271,7 +281,7 @@ class CollapseGuard(HookBase):
             problems = comm.all_gather(problems)[0]  # rank 0's verdict, so that every rank stops
         if not problems:
             return
-        lines = [f"{'COLLAPSED' if kind == 'collapse' else 'STALLED'} at iteration {it}: {msg}" for kind, _, msg in problems]
+        lines = [f"{'COLLAPSED' if kind.startswith('collapse') else 'STALLED'} at iteration {it}: {msg}" for kind, _, msg in problems]
         if self.stop:
             raise TrainingCollapsed("Pretraining stopped by TEST.REGIONSSL.GUARD.STOP:\n" + "\n".join(lines))
         fresh = []

@@ -230,6 +230,25 @@ class RegionSSLBase(nn.Module):
         """Mean per-dimension std of L2-normalised embeddings; ~1/sqrt(D) healthy, ->0 on collapse."""
         return F.normalize(z.float(), dim=1).std(dim=0).mean()
 
+    @staticmethod
+    def embedding_rank(z):
+        """How many directions the L2-normalised embeddings ``z`` (R, D) span, from 0 to 1.
+
+        The participation ratio of their Gram matrix, ``PR = R^2 / sum_ij cos(z_i, z_j)^2`` (the
+        effective number of non-zero eigenvalues), rescaled as ``(PR - 1) / (min(R, D) - 1)``: 0 when
+        every row lies on one line (also ``+v`` and ``-v``), 1 when the rows are orthogonal. It sees
+        what ``embedding_std`` cannot: under an output BatchNorm every dimension keeps its std while
+        all rows collapse onto one direction with either sign. Matrix products only (no
+        decomposition, so no device sync). Fewer than 2 rows or dimensions: 1 (nothing to judge).
+        """
+        z = F.normalize(z.float(), dim=1)
+        r, d = z.shape
+        if min(r, d) < 2:
+            return z.new_ones(())
+        gram = z @ z.t() if r <= d else z.t() @ z  # same non-zero eigenvalues; the smaller one
+        ratio = r * r / gram.square().sum()
+        return (ratio - 1) / (min(r, d) - 1)
+
     # ---------------------------------------------------------------- interface
     def region_embedding(self, images, boxes):
         """Online representation of regions (before any projector), for the retrieval probe.

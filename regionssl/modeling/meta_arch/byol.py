@@ -139,7 +139,7 @@ class BYOLBase(RegionSSLBase):
         else:
             loss = self.symmetric_regression(p[:r], p[r:], z_t[:r], z_t[r:])
             with torch.no_grad():
-                self.log(emb_std=self.embedding_std(z))
+                self.log(emb_std=self.embedding_std(z), emb_rank=self.embedding_rank(z))
         self.log(num_pairs=r, momentum=self.current_momentum())
         return {f"loss_{self.loss_name}": loss}, maps
 
@@ -148,7 +148,7 @@ class BYOLBase(RegionSSLBase):
         collapsed target is predicted perfectly, so ``pos_sim`` -> 1 while ``emb_std`` -> 0)."""
         dim = self.projector[-1].out_features
         return [LearningSignal(f"loss_{self.loss_name}", emb_std="regionssl/emb_std", dim=dim,
-                               pos_sim="regionssl/pos_sim")]
+                               pos_sim="regionssl/pos_sim", emb_rank="regionssl/emb_rank")]
 
     def losses(self, batched_inputs):
         return self.byol_losses(*self.pair_inputs(batched_inputs))[0]

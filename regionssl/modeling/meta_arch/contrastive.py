@@ -158,7 +158,7 @@ class ContrastiveBase(RegionSSLBase):
 
         Args:
             logits: (R, 1 + K) with the positive in column 0, already divided by T.
-            queries: (R, D) query embeddings (collapse signal ``emb_std``).
+            queries: (R, D) query embeddings (collapse signals ``emb_std``, ``emb_rank``).
             extra: more per-level scalars, logged as ``{name}_{level}``.
         """
         sims = logits * self.temperature
@@ -167,6 +167,7 @@ class ContrastiveBase(RegionSSLBase):
             "pos_sim": sims[:, 0].mean(),
             "neg_sim": sims[:, 1:].mean(),
             "emb_std": self.embedding_std(queries),
+            "emb_rank": self.embedding_rank(queries),
             **extra,
         }
         self.log(**{f"{name}_{level}": value for name, value in scalars.items()})
@@ -181,7 +182,7 @@ class ContrastiveBase(RegionSSLBase):
         return LearningSignal(
             loss, info_nce_chance(k) if k else None, f"ln(K+1), K = {k} {what}", self.level_weights[l],
             f"regionssl/emb_std_{level}", self.projector.out_features,
-            f"regionssl/pos_sim_{level}", f"regionssl/neg_sim_{level}",
+            f"regionssl/pos_sim_{level}", f"regionssl/neg_sim_{level}", f"regionssl/emb_rank_{level}",
         )
 
     def learning_signals(self):

@@ -251,7 +251,7 @@ class ReSim(ContrastiveBase):
             signals.append(LearningSignal(
                 f"loss_region_{level}", None if k is None else info_nce_chance(k),
                 f"ln(K+1), K = {k} key-map negatives", w, f"regionssl/emb_std_{level}", shapes[level].channels,
-                f"regionssl/pos_sim_{level}", f"regionssl/neg_sim_{level}",
+                f"regionssl/pos_sim_{level}", f"regionssl/neg_sim_{level}", f"regionssl/emb_rank_{level}",
             ))
         return signals
 

@@ -256,9 +256,11 @@ class SwAV(RegionSSLBase):
         """Swapped prediction at chance (uniform prediction over K_c prototypes) is ln K_c."""
         k, dim = self.prototypes.weight.shape
         chance, text = math.log(k), f"ln K_c, K_c = {k} prototypes"
-        signals = [LearningSignal("loss_swav", chance, text, emb_std="regionssl/emb_std", dim=dim)]
+        signals = [LearningSignal("loss_swav", chance, text, emb_std="regionssl/emb_std", dim=dim,
+                                  emb_rank="regionssl/emb_rank")]
         if self.region_pooler is not None:
-            signals.append(LearningSignal("loss_swav_region", chance, text, emb_std="regionssl/emb_std_region", dim=dim))
+            signals.append(LearningSignal("loss_swav_region", chance, text, emb_std="regionssl/emb_std_region",
+                                          dim=dim, emb_rank="regionssl/emb_rank_region"))
         return signals
 
     def losses(self, batched_inputs):
@@ -267,7 +269,8 @@ class SwAV(RegionSSLBase):
         losses = {"loss_swav": loss}
         if self.region_pooler is not None:
             losses["loss_swav_region"], zr = self.region_swapped_prediction(batched_inputs, maps)
-            self.log(num_pairs=zr.shape[1], emb_std_region=self.embedding_std(zr[0]))
+            self.log(num_pairs=zr.shape[1], emb_std_region=self.embedding_std(zr[0]),
+                     emb_rank_region=self.embedding_rank(zr[0]))
         with torch.no_grad():
             q = codes[0]
             used = q.new_zeros(q.shape[1]).index_fill_(0, q.argmax(dim=1), 1.0)  # no unique(): no sync
@@ -275,6 +278,7 @@ class SwAV(RegionSSLBase):
                 code_entropy=-(q * q.clamp_min(1e-12).log()).sum(dim=1).mean(),  # nats, <= ln K_c
                 proto_usage=used.mean(),  # fraction of prototypes that are some local sample's argmax code
                 emb_std=self.embedding_std(z[0]),
+                emb_rank=self.embedding_rank(z[0]),
                 queue_fill=self.queue_rows_written() / self.queue_length if self.queue_length else 0.0,
                 num_crops=z.shape[0],
                 prototypes_frozen=float(self.prototypes_frozen()),
