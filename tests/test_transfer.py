@@ -208,3 +208,27 @@ def test_demo_summary_prints_pretrained_beside_random(tmp_path, capsys):
     assert "insloc_fpn (seed 0) 22.50 (45.0, 11.2) 20.25 (40.5, 10.1)" in lines
     assert "random init (seed 0) 5.00 (10.0, 2.5) 4.00 (8.0, 2.0)" in lines
     assert "pretraining bought: +17.50 box AP, +16.25 mask AP (insloc_fpn vs random init" in out
+    assert "queue is" not in out  # no queue logged
+
+
+def test_demo_summary_explains_a_filling_queue(tmp_path, capsys):
+    """The demo's 30 steps end with the queue half full (4 x 30 keys of 256): its rising loss is said
+    to be expected, naming the fill; a full queue gets no such line."""
+    spec = importlib.util.spec_from_file_location("summarize_run", os.path.join(REPO, "tools", "summarize_run.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    data = {"models": [{"name": "random", "kind": "random", "runs": {"0": {"seed": 0, "results": {
+        "bbox": {"AP": 1.0}, "segm": {"AP": 1.0}}}}}]}
+    (tmp_path / "transfer.json").write_text(json.dumps(data))
+    for fill, expected in ((0.46875, "the key queue is 47% full"), (1.0, None)):
+        pre = tmp_path / f"pretrain{fill}"
+        pre.mkdir()
+        (pre / "metrics.json").write_text(json.dumps({
+            "iteration": 29, "loss_contrast_p2": 5.0, "regionssl/acc_p2": 0.0, "regionssl/queue_fill_p2": fill,
+            "regionssl/queue_fill_p3": 1.0}) + "\n")
+        mod.main(["--pretrain", str(pre), "--transfer", str(tmp_path / "transfer.json")])
+        out = capsys.readouterr().out
+        if expected:
+            assert expected in out and "the loss may rise" in out
+        else:
+            assert "queue is" not in out

@@ -84,6 +84,11 @@ def main(argv=None):
     if accs:
         # contrastive top-1 accuracy among 1 positive + K queue negatives (chance = 1 / (K + 1))
         print("              contrastive top-1 accuracy (last step; chance = 1/(1+K) with K queued keys): " + ", ".join(f"{k}={v:.2f}" for k, v in sorted(accs.items())))
+        fill = [v for k, v in pre.items() if k.startswith("regionssl/queue_fill")]
+        if fill and min(fill) < 1:
+            # a newcomer reads a rising loss as failure: while the queue fills, K (and ln(K+1)) grows
+            print(f"              the key queue is {100 * min(fill):.0f}% full: each step still adds negatives, so the "
+                  "loss may rise; this short run checks the plumbing (README \"Is it learning?\" shows learning)")
     skipped = pre.get("regionssl/skipped_images")
     if skipped is not None:
         names = os.path.join(args.pretrain, "skipped_images.txt")
