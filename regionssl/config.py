@@ -333,9 +333,9 @@ def _add_test_keys(cfg):
     t.GUARD.WINDOW = 20
     # Collapse: embedding std below this fraction of 1/sqrt(D), the std of uniformly spread D-dim unit vectors.
     t.GUARD.MIN_EMB_STD_FRACTION = 0.05
-    # Collapse onto one direction: the embeddings' spread over directions (emb_rank, 0 = one line,
-    # 1 = orthogonal; see embedding_rank) below this.
-    t.GUARD.MIN_RANK_FRACTION = 0.02
+    # Collapse onto one direction: the effective number of directions a batch's embeddings span
+    # (emb_rank, the participation ratio; 1 = one line) below this. 1.05 ~ every pair at |cos| >= 0.975.
+    t.GUARD.MIN_EMB_RANK = 1.05
     # Stall: loss / weight not below its chance level (InfoNCE ln(K+1), SwAV ln K_c) by this many nats.
     t.GUARD.MIN_CHANCE_MARGIN = 0.05
     # Stall: mean positive cosine similarity not above the mean negative one by this much.

@@ -35,7 +35,7 @@ def insloc():
     return build_model(_cfg("insloc_c4_instant_test.yaml"))
 
 
-HEALTHY = {"loss_contrast_res4": 2.0, "regionssl/emb_std_res4": 0.05, "regionssl/emb_rank_res4": 0.6,
+HEALTHY = {"loss_contrast_res4": 2.0, "regionssl/emb_std_res4": 0.05, "regionssl/emb_rank_res4": 4.0,
            "regionssl/pos_sim_res4": 0.8, "regionssl/neg_sim_res4": 0.3, "loss_other": 1.0}
 # one embedding for every input: std ~0, every logit equal (loss = ln 33), positive = negatives
 COLLAPSED = {"loss_contrast_res4": math.log(33), "regionssl/emb_std_res4": 0.002, "regionssl/pos_sim_res4": 0.99,
@@ -89,21 +89,25 @@ def test_collapse_warns_once_with_the_numbers(insloc, caplog):
 def test_embedding_rank_exact_values():
     from regionssl.modeling.meta_arch.base import RegionSSLBase as Base
 
-    assert float(Base.embedding_rank(torch.eye(4, 8) * 3.0)) == pytest.approx(1.0)  # orthogonal rows
+    assert float(Base.embedding_rank(torch.eye(4, 8) * 3.0)) == pytest.approx(4.0)  # orthogonal rows
     v = torch.randn(128, generator=torch.Generator().manual_seed(0))
     signs = torch.tensor([1.0, -1, -1, 1, 1, -1, 1, -1])
-    assert float(Base.embedding_rank(signs[:, None] * v)) == pytest.approx(0.0, abs=1e-6)  # +-v: one line
-    # more rows than dimensions: e1, e2 three times each span both directions equally -> PR = 2 = D
-    assert float(Base.embedding_rank(torch.eye(2).repeat(3, 1))) == pytest.approx(1.0)
-    assert float(Base.embedding_rank(torch.eye(2).repeat(3, 1)[:1])) == 1.0  # one row: nothing to judge
-    # four rows on one line, four on an orthogonal one: PR = 64 / (16 + 16) = 2 of at most 8
+    assert float(Base.embedding_rank(signs[:, None] * v)) == pytest.approx(1.0)  # +-v: one line
+    # more rows than dimensions: e1, e2 three times each span both directions equally
+    assert float(Base.embedding_rank(torch.eye(2).repeat(3, 1))) == pytest.approx(2.0)
+    # four rows on one line, four on an orthogonal one: 64 / (16 + 16)
     two_lines = torch.cat([torch.eye(128)[0].expand(4, -1), -torch.eye(128)[1].expand(4, -1)])
-    assert float(Base.embedding_rank(two_lines)) == pytest.approx(1 / 7)
+    assert float(Base.embedding_rank(two_lines)) == pytest.approx(2.0)
+    # R rows with one pairwise cosine c: R / (1 + (R - 1) c^2); e_i + 1 normalised in 3-D: c = 5/6
+    rows = torch.eye(3) + 1.0
+    assert float(rows[0] @ rows[1] / rows[0].norm() ** 2) == pytest.approx(5 / 6)
+    assert float(Base.embedding_rank(rows)) == pytest.approx(3 / (1 + 2 * (5 / 6) ** 2))
+    assert Base.embedding_rank(v[None]) is None  # one row: nothing to judge, not logged
 
 
 def test_output_batchnorm_collapse_is_seen_by_rank_not_std():
     """Every input's embedding is +-v (session 5's MoCo v3 output BN): after the BN each dimension
-    has unit std over the batch, so emb_std looks like uniformly spread vectors; emb_rank is ~0."""
+    has unit std over the batch, so emb_std looks like uniformly spread vectors; emb_rank is ~1."""
     from regionssl.modeling.meta_arch.base import RegionSSLBase as Base
 
     g = torch.Generator().manual_seed(0)
@@ -111,21 +115,21 @@ def test_output_batchnorm_collapse_is_seen_by_rank_not_std():
     z = signs[:, None] * torch.randn(128, generator=g) + 0.01 * torch.randn(8, 128, generator=g)
     z = torch.nn.functional.batch_norm(z, None, None, training=True)
     assert float(Base.embedding_std(z)) > 0.9 / math.sqrt(128)  # healthy-looking
-    assert float(Base.embedding_rank(z)) < 0.01  # the guard warns below 0.02
+    assert float(Base.embedding_rank(z)) < 1.05  # the guard's default threshold
     healthy = torch.nn.functional.batch_norm(torch.randn(8, 128, generator=g), None, None, training=True)
-    assert float(Base.embedding_rank(healthy)) > 0.8
+    assert float(Base.embedding_rank(healthy)) > 6
 
 
 def test_rank_collapse_warns(insloc, caplog):
     guard = CollapseGuard(start_iter=0, period=20, window=20)
-    line = {**HEALTHY, "regionssl/emb_rank_res4": 0.004}
+    line = {**HEALTHY, "regionssl/emb_rank_res4": 1.02}
     with caplog.at_level(logging.WARNING, logger=LOGGER):
         _drive(guard, insloc, lambda it: HEALTHY if it < 20 else line, 40)
     (message,) = _warnings(caplog)
     assert message.splitlines()[1].strip() == (
-        "COLLAPSED at iteration 39: regionssl/emb_rank_res4 = 0.004 is below 0.02: the embeddings of different "
-        "inputs lie on (nearly) one line, with either sign. [loss_contrast_res4: loss 2, emb_std 0.05, "
-        "emb_rank 0.004, pos_sim 0.8, neg_sim 0.3, chance 3.4965; medians over the last 20 iterations]")
+        "COLLAPSED at iteration 39: regionssl/emb_rank_res4 = 1.02 is below 1.05 effective directions: the "
+        "embeddings of different inputs lie on (nearly) one line, with either sign. [loss_contrast_res4: loss 2, "
+        "emb_std 0.05, emb_rank 1.02, pos_sim 0.8, neg_sim 0.3, chance 3.4965; medians over the last 20 iterations]")
 
 
 def test_repeat_period_and_recovery(insloc, caplog):

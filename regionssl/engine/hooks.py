@@ -184,9 +184,10 @@ class CollapseGuard(HookBase):
 
     * collapse: ``emb_std < min_emb_std_fraction / sqrt(D)`` (unit vectors spread uniformly over D
       dimensions have a per-dimension std of 1/sqrt(D); one vector for every input has 0);
-    * collapse onto one direction: ``emb_rank < min_rank_fraction`` (``embedding_rank``: 0 when the
-      batch's embeddings lie on one line, as they do with either sign under an output BatchNorm,
-      which keeps every dimension's std and so hides this from ``emb_std``);
+    * collapse onto one direction: ``emb_rank < min_emb_rank`` (``embedding_rank``, the effective
+      number of directions of a batch's embeddings: 1 when they lie on one line, as they do with
+      either sign under an output BatchNorm, which keeps every dimension's std and so hides this
+      from ``emb_std``; 1.05 is every pair at |cos| >= ~0.975);
     * stall, chance: ``loss / weight > chance - min_chance_margin`` (InfoNCE's ln(K+1), SwAV's
       ln K_c: the model does not tell the positive from the negatives);
     * stall, similarity: ``pos_sim - neg_sim < min_sim_gap``.
@@ -198,10 +199,10 @@ class CollapseGuard(HookBase):
 
     SIGNALS = ("loss", "emb_std", "emb_rank", "pos_sim", "neg_sim")
 
-    def __init__(self, *, start_iter, period=20, window=20, min_emb_std_fraction=0.05, min_rank_fraction=0.02,
+    def __init__(self, *, start_iter, period=20, window=20, min_emb_std_fraction=0.05, min_emb_rank=1.05,
                  min_chance_margin=0.05, min_sim_gap=0.01, repeat_period=1000, stop=False):
         self.start_iter, self.period, self.window = start_iter, max(period, 1), max(window, 1)
-        self.min_emb_std_fraction, self.min_rank_fraction = min_emb_std_fraction, min_rank_fraction
+        self.min_emb_std_fraction, self.min_emb_rank = min_emb_std_fraction, min_emb_rank
         self.min_chance_margin = min_chance_margin
         self.min_sim_gap, self.repeat_period, self.stop = min_sim_gap, repeat_period, stop
         self._last_warned = {}  # (condition, loss key) -> iteration
@@ -213,7 +214,7 @@ class CollapseGuard(HookBase):
         if start < 0:
             start = max(cfg.SOLVER.WARMUP_ITERS, min(1000, cfg.SOLVER.MAX_ITER // 5))
         return cls(start_iter=start, period=g.PERIOD, window=g.WINDOW, min_emb_std_fraction=g.MIN_EMB_STD_FRACTION,
-                   min_rank_fraction=g.MIN_RANK_FRACTION, min_chance_margin=g.MIN_CHANCE_MARGIN, min_sim_gap=g.MIN_SIM_GAP,
+                   min_emb_rank=g.MIN_EMB_RANK, min_chance_margin=g.MIN_CHANCE_MARGIN, min_sim_gap=g.MIN_SIM_GAP,
                    repeat_period=g.REPEAT_PERIOD, stop=g.STOP)
 
     def medians(self, storage, signal, iteration, only_loss=False):
@@ -243,10 +244,10 @@ class CollapseGuard(HookBase):
                     problems.append(("collapse", s.loss, (
                         f"{s.emb_std} = {med['emb_std']:.4g} is below {self.min_emb_std_fraction} x 1/sqrt({s.dim}) "
                         f"= {threshold:.4g}: the embeddings of different inputs are (nearly) one vector. {context}")))
-            if med["emb_rank"] is not None and med["emb_rank"] < self.min_rank_fraction:
+            if med["emb_rank"] is not None and med["emb_rank"] < self.min_emb_rank:
                 problems.append(("collapse_direction", s.loss, (
-                    f"{s.emb_rank} = {med['emb_rank']:.4g} is below {self.min_rank_fraction}: the embeddings of "
-                    f"different inputs lie on (nearly) one line, with either sign. {context}")))
+                    f"{s.emb_rank} = {med['emb_rank']:.4g} is below {self.min_emb_rank} effective directions: the "
+                    f"embeddings of different inputs lie on (nearly) one line, with either sign. {context}")))
             if med["loss"] is not None and s.chance is not None:
                 loss = med["loss"] / s.weight
                 if loss > s.chance - self.min_chance_margin:

@@ -31,7 +31,7 @@ class LearningSignal:
         emb_std: key of the mean per-dimension std of the L2-normalised embeddings (``emb_std``).
         dim: their dimension D; unit vectors spread uniformly have a per-dimension std of 1/sqrt(D).
         pos_sim, neg_sim: keys of the mean cosine similarity to the positive and to the negatives.
-        emb_rank: key of the embeddings' spread over directions (``embedding_rank``: 0 on one line).
+        emb_rank: key of the effective number of directions of the embeddings (``embedding_rank``: 1 on one line).
     """
 
     loss: str

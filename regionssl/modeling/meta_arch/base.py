@@ -204,6 +204,8 @@ class RegionSSLBase(nn.Module):
         except AssertionError:
             return
         for k, v in scalars.items():
+            if v is None:
+                continue  # nothing to report this step (e.g. embedding_rank of one row)
             value = v.detach().float().reshape(()) if torch.is_tensor(v) else float(v)
             self._pending_logs.append((f"regionssl/{k}", value, storage.iter))
         if not (self._in_forward or self.defer_log_flush):
@@ -232,22 +234,21 @@ class RegionSSLBase(nn.Module):
 
     @staticmethod
     def embedding_rank(z):
-        """How many directions the L2-normalised embeddings ``z`` (R, D) span, from 0 to 1.
+        """Effective number of directions the L2-normalised embeddings ``z`` (R, D) span.
 
-        The participation ratio of their Gram matrix, ``PR = R^2 / sum_ij cos(z_i, z_j)^2`` (the
-        effective number of non-zero eigenvalues), rescaled as ``(PR - 1) / (min(R, D) - 1)``: 0 when
-        every row lies on one line (also ``+v`` and ``-v``), 1 when the rows are orthogonal. It sees
-        what ``embedding_std`` cannot: under an output BatchNorm every dimension keeps its std while
-        all rows collapse onto one direction with either sign. Matrix products only (no
-        decomposition, so no device sync). Fewer than 2 rows or dimensions: 1 (nothing to judge).
+        The participation ratio of their Gram matrix, ``R^2 / sum_ij cos(z_i, z_j)^2`` (the number
+        of equal eigenvalues with the same spread): 1 when every row lies on one line (also ``+v``
+        and ``-v``), min(R, D) when the rows are orthogonal; R rows with pairwise |cos| = c give
+        R / (1 + (R - 1) c^2). It sees what ``embedding_std`` cannot: under an output BatchNorm every
+        dimension keeps its std while all rows collapse onto one direction with either sign. Matrix
+        products only (no decomposition, so no device sync). None for fewer than 2 rows (not logged).
         """
         z = F.normalize(z.float(), dim=1)
         r, d = z.shape
-        if min(r, d) < 2:
-            return z.new_ones(())
+        if r < 2:
+            return None
         gram = z @ z.t() if r <= d else z.t() @ z  # same non-zero eigenvalues; the smaller one
-        ratio = r * r / gram.square().sum()
-        return (ratio - 1) / (min(r, d) - 1)
+        return r * r / gram.square().sum()
 
     # ---------------------------------------------------------------- interface
     def region_embedding(self, images, boxes):
