@@ -4,6 +4,7 @@ import importlib.util
 import json
 import math
 import os
+import time
 
 import pytest
 
@@ -107,6 +108,31 @@ def test_interrupted_run_resumes_without_retraining(bench):
     assert result["done"]["finetuned"] == [("random", 0)]
     assert os.path.getmtime(final) == stamp  # not trained again
     assert set(json.loads((run_dir / transfer.METRICS_FILE).read_text())["results"]) == {"bbox", "segm"}
+
+
+def test_jobs_run_side_by_side_with_threads_split(bench, tmp_path, monkeypatch):
+    """--jobs 2: the two seeds' fine-tunes overlap in time, each with cores // 2 torch threads; the
+    table is the same as one run after the other would write (same rows, every seed)."""
+    tool, _, _ = bench
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    calls, original = [], tool.run_train_net
+
+    def timed(*args, **kwargs):
+        start = time.monotonic()
+        out = original(*args, **kwargs)
+        calls.append((start, time.monotonic(), args[5] if len(args) > 5 else kwargs.get("threads")))
+        return out
+
+    monkeypatch.setattr(tool, "run_train_net", timed)
+    result = tool.main(_argv(tmp_path, ["random"], seeds=("0", "1")) + ["--jobs", "2"])
+    assert result["done"]["finetuned"] == [("random", 0), ("random", 1)]
+    (a_start, a_end, a_threads), (b_start, b_end, b_threads) = sorted(calls)
+    assert b_start < a_end  # side by side, not one after the other
+    assert a_threads == b_threads == max(1, (os.cpu_count() or 1) // 2)
+    (model,) = json.loads((tmp_path / "transfer.json").read_text())["models"]
+    assert list(model["runs"]) == ["0", "1"] and len(model["summary"]["box AP"]["values"]) == 2
+    with pytest.raises(SystemExit, match="--jobs must be at least 1"):
+        tool.main(_argv(tmp_path, ["random"]) + ["--jobs", "0"])
 
 
 def test_run_directory_of_another_config_stops_and_keeps_it(bench, capsys):
