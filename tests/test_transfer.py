@@ -110,6 +110,21 @@ def test_interrupted_run_resumes_without_retraining(bench):
     assert set(json.loads((run_dir / transfer.METRICS_FILE).read_text())["results"]) == {"bbox", "segm"}
 
 
+def test_report_only_tabulates_finished_runs_and_starts_nothing(bench):
+    """--report-only on a benchmark with seed 0 done and seed 1 not started: one row per model with
+    the seeds it has, nothing trained, pretrained or rewritten but the transfer.* outputs."""
+    tool, out, _ = bench
+    before = _mtimes(out)
+    result = tool.main(_argv(out, ["random", f"moco={PRETRAIN}"], seeds=("0", "1")) + ["--report-only"])
+    assert result["done"] == {"pretrained": [], "finetuned": [], "reused": [("random", 0), ("moco", 0)]}
+    assert _mtimes(out) == before and not os.path.exists(out / "finetune" / "random" / "seed1")
+    table = (out / "transfer.md").read_text()
+    assert table.startswith("Fine-tuning protocol") and "seeds 0 1 (finished runs only)" in table.splitlines()[0]
+    assert [r.split("|")[1:3] for r in table.splitlines() if r.startswith("| random") or r.startswith("| moco")] == [
+        [" random ", " 1 "], [" moco ", " 1 "]]
+    tool.main(_argv(out, ["random", f"moco={PRETRAIN}"]))  # the outputs of the full benchmark again
+
+
 def test_jobs_run_side_by_side_with_threads_split(bench, tmp_path, monkeypatch):
     """--jobs 2: the two seeds' fine-tunes overlap in time, each with cores // 2 torch threads; the
     table is the same as one run after the other would write (same rows, every seed)."""

@@ -57,6 +57,9 @@ def parse_args(argv=None):
     p.add_argument("--jobs", type=int, default=1,
                    help="fine-tunes run at a time (CPU machines; each gets cores / JOBS torch threads unless "
                         "OMP_NUM_THREADS is set). Keep 1 on GPUs, where one run uses all of --num-gpus")
+    p.add_argument("--report-only", action="store_true",
+                   help="tabulate the finished runs only (e.g. of a benchmark still running): start nothing; "
+                        "each model's row counts the seeds it has")
     p.add_argument("--keep-checkpoints", action="store_true",
                    help="keep intermediate fine-tuning checkpoints (default: only model_final.pth is kept)")
     return p.parse_args(argv)
@@ -193,7 +196,7 @@ def run(args):
     done = {"pretrained": [], "finetuned": [], "reused": []}
     rows, models = [], []
     for spec, pcfg in planned:
-        if pcfg is not None:
+        if pcfg is not None and not args.report_only:
             pdir = pcfg.OUTPUT_DIR
             if os.path.isfile(os.path.join(pdir, "model_final.pth")):
                 _say(f"{spec.name}: pretraining found in {pdir}")
@@ -208,7 +211,7 @@ def run(args):
     jobs, per_model = [], []
     for spec, _ in planned:
         weights = _weights_path(spec, args)
-        sha = file_sha1(weights) if weights else None
+        sha = file_sha1(weights) if weights and os.path.isfile(weights) else None
         seeds = []
         for seed in args.seeds:
             run_dir = _run_dir(args, spec, seed)
@@ -218,6 +221,9 @@ def run(args):
             if os.path.isfile(os.path.join(run_dir, METRICS_FILE)):
                 done["reused"].append((spec.name, seed))
                 _say(f"{spec.name} seed {seed}: finished run reused ({run_dir})")
+            elif args.report_only:
+                _say(f"{spec.name} seed {seed}: not finished, left out ({run_dir})")
+                continue
             else:
                 jobs.append((spec.name, seed, cfg, identity, weights))
             seeds.append((seed, run_dir))
@@ -244,13 +250,16 @@ def run(args):
                 entry = json.load(f)
             runs[seed] = entry["results"]
             entries[str(seed)] = entry
+        if not runs:
+            continue  # --report-only, no finished seed
         summary = summarize(runs)
-        rows.append((spec.name, len(args.seeds), summary))
+        rows.append((spec.name, len(runs), summary))
         models.append({"name": spec.name, "kind": spec.kind, "spec": spec.path, "weights": weights,
                        "weights_sha1": sha, "runs": entries, "summary": summary})
     title = (f"Fine-tuning protocol `{args.finetune_config}`"
              + (f" with `{' '.join(args.finetune_opts)}`" if args.finetune_opts else "")
-             + f", seeds {' '.join(map(str, args.seeds))}")
+             + f", seeds {' '.join(map(str, args.seeds))}"
+             + (" (finished runs only)" if args.report_only else ""))
     table = markdown_table(rows, title)
     result = {"finetune_config": args.finetune_config, "finetune_opts": args.finetune_opts, "seeds": args.seeds,
               "num_gpus": args.num_gpus, "models": models, "timing": _timing(models)}
