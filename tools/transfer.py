@@ -225,7 +225,7 @@ def run(args):
                 _say(f"{spec.name} seed {seed}: not finished, left out ({run_dir})")
                 continue
             else:
-                jobs.append((spec.name, seed, cfg, identity, weights))
+                jobs.append((spec.name, seed, cfg, identity))
             seeds.append((seed, run_dir))
         per_model.append((spec, weights, sha, seeds))
     jobs.sort(key=lambda job: args.seeds.index(job[1]))  # seed-major: stopped early, every model has seed 0
@@ -281,7 +281,7 @@ def run(args):
     return result
 
 
-def _finetune(args, name, seed, cfg, identity, weights, threads):
+def _finetune(args, name, seed, cfg, identity, threads):
     """Fine-tune and evaluate one (model, seed); writes its METRICS_FILE, the mark of a finished run."""
     run_dir = cfg.OUTPUT_DIR
     _say(f"{name} seed {seed}: fine-tuning -> {run_dir}")
@@ -291,7 +291,7 @@ def _finetune(args, name, seed, cfg, identity, weights, threads):
         raise TransferError(f"No evaluation results in {os.path.join(run_dir, 'metrics.json')}; "
                             f"see {os.path.join(run_dir, 'transfer.log')}.")
     entry = {"results": results, "iteration": iteration, "seconds": round(seconds, 1),
-             "timings": read_timings(log_text), "weights": weights, "seed": seed}
+             "timings": read_timings(log_text), "weights": cfg.MODEL.WEIGHTS, "seed": seed}
     metrics_path = os.path.join(run_dir, METRICS_FILE)
     with open(metrics_path + ".tmp", "w") as f:
         json.dump(entry, f, indent=1)

@@ -269,9 +269,10 @@ class SwAV(RegionSSLBase):
         losses = {"loss_swav": loss}
         if self.region_pooler is not None:
             losses["loss_swav_region"], zr = self.region_swapped_prediction(batched_inputs, maps)
-            self.log(num_pairs=zr.shape[1], emb_std_region=self.embedding_std(zr[0]),
-                     emb_rank_region=self.embedding_rank(zr[0]))
-        with torch.no_grad():
+        with torch.no_grad():  # diagnostics: no autograd graph
+            if self.region_pooler is not None:
+                self.log(num_pairs=zr.shape[1], emb_std_region=self.embedding_std(zr[0]),
+                         emb_rank_region=self.embedding_rank(zr[0]))
             q = codes[0]
             used = q.new_zeros(q.shape[1]).index_fill_(0, q.argmax(dim=1), 1.0)  # no unique(): no sync
             self.log(
