@@ -1,11 +1,13 @@
-"""The data path's fast routes give what the plain ones give: OpenCV's JPEG decode (for pipelines
-that resample with OpenCV) against PIL's, at every DCT reduction, and bad files still skipped."""
+"""The data path's fast routes give what the plain ones give: the array decode (simplejpeg, or
+OpenCV without it; for pipelines that resample arrays) against PIL's, at every DCT reduction, and
+bad files still skipped."""
 import io
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from regionssl.data import image_io
 from regionssl.data.image_io import UnreadableImageError, image_file_from_bytes
 
 
@@ -17,22 +19,42 @@ def _jpeg(h=120, w=168, **save):
     return buf.getvalue()
 
 
+@pytest.mark.parametrize("decoder", ["simplejpeg", "opencv"])
 @pytest.mark.parametrize("r", [1, 2, 4, 8])
-def test_opencv_decode_equals_pil_decode(r):
-    item = image_file_from_bytes("ramp.jpg", _jpeg())
-    via_pil, via_cv2 = item.decode(r), item.decode(r, array=True)
-    assert via_cv2._pil is None, "a plain JPEG decoded for an array goes through OpenCV"
-    assert (via_cv2.height, via_cv2.width, via_cv2.reduction) == (via_pil.height, via_pil.width, via_pil.reduction)
-    a, b = via_pil.array().astype(int), via_cv2.array().astype(int)
-    assert a.shape == b.shape == (-(-120 // r), -(-168 // r), 3)
-    # the same libjpeg-turbo decode in both wheels: identical here; a build difference stays tiny
+def test_array_decode_equals_pil_decode(r, decoder, monkeypatch):
+    if decoder == "opencv":  # the fallback when simplejpeg is not installed
+        monkeypatch.setattr(image_io, "simplejpeg", None)
+    else:
+        assert image_io.simplejpeg is not None, "simplejpeg is a requirement"
+    h, w = 121, 167  # odd sides: a decode at 1/r has ceil(side / r) pixels
+    item = image_file_from_bytes("ramp.jpg", _jpeg(h, w))
+    via_pil, via_array = item.decode(r), item.decode(r, array=True)
+    assert via_array._pil is None, "a plain JPEG decoded for an array skips PIL"
+    assert (via_array.height, via_array.width, via_array.reduction) == (via_pil.height, via_pil.width, via_pil.reduction)
+    a, b = via_pil.array().astype(int), via_array.array().astype(int)
+    assert a.shape == b.shape == (-(-h // r), -(-w // r), 3)
+    # the same libjpeg-turbo decode in every wheel: identical here; a build difference stays tiny
     assert np.abs(a - b).max() <= 1 and np.abs(a - b).mean() < 0.05
 
 
-def test_truncated_jpeg_still_unreadable_with_array_decode():
+@pytest.mark.parametrize("decoder", ["simplejpeg", "opencv"])
+def test_truncated_jpeg_still_unreadable_with_array_decode(decoder, monkeypatch):
+    if decoder == "opencv":
+        monkeypatch.setattr(image_io, "simplejpeg", None)
     data = _jpeg()
     item = image_file_from_bytes("bad.jpg", data[: len(data) // 2])
     with pytest.raises(UnreadableImageError, match="bad.jpg"):
+        item.decode(1, array=True)
+
+
+def test_corrupt_scan_data_is_unreadable_not_garbage():
+    """Bytes of the entropy-coded data overwritten (the file still ends with its EOI marker): the
+    array decode reports the file instead of returning a smeared image."""
+    data = bytearray(_jpeg())
+    sos = data.index(b"\xff\xda")
+    data[sos + 40 : sos + 60] = b"\xff\xd0" * 10  # restart markers where none belong
+    item = image_file_from_bytes("corrupt.jpg", bytes(data))
+    with pytest.raises(UnreadableImageError, match="corrupt.jpg"):
         item.decode(1, array=True)
 
 
