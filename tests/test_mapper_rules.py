@@ -186,6 +186,24 @@ def test_anchor_jitter_fallback_top_k():
     assert best.tolist() == [1.0, 0.0, 0.0, 0.0]
 
 
+def test_numpy_iou_to_anchors_is_detectron2s_bit_for_bit():
+    """The jitter's IoU (numpy, no Boxes) equals Detectron2's pairwise_iou exactly, so the candidate
+    set above the 0.5 threshold, and with it the random stream of the draws, is unchanged: boxes of
+    every size on the real grid, touching, disjoint and degenerate (zero width) ones included."""
+    anchors = R.anchor_grid((256, 256), stride=16, sizes=[32, 64, 128, 256], ratios=[0.5, 0.75, 1.0, 1.5, 2.0], offset=0.0)
+    rng = np.random.default_rng(0)
+    xy = rng.uniform(-20, 270, size=(300, 2))
+    wh = rng.uniform(0, 260, size=(300, 2))
+    boxes = np.concatenate([xy, xy + wh], axis=1).astype(np.float32)
+    boxes[:5, 2] = boxes[:5, 0]  # zero width
+    boxes[5] = [300, 300, 400, 400]  # off the canvas: IoU 0 everywhere
+    for box in boxes:
+        ours = R._iou_to_anchors(box, anchors.numpy())
+        theirs = _iou(box, anchors)[0].numpy()
+        assert ours.dtype == theirs.dtype == np.float32
+        np.testing.assert_array_equal(ours, theirs)
+
+
 def test_insloc_anchor_grid_is_mmdet_with_center_offset_zero():
     """configs/insloc_fpn.yaml: P4 anchors of a 256 canvas centred at 0, 16, ..., 240 (mmdet
     AnchorGenerator, center_offset 0), 16 x 16 positions x 20 shapes; width = size / sqrt(h/w)."""

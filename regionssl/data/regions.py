@@ -22,7 +22,6 @@ import numpy as np
 import torch
 from detectron2.config import configurable
 from detectron2.modeling.anchor_generator import DefaultAnchorGenerator
-from detectron2.structures import Boxes, pairwise_iou
 from detectron2.utils.registry import Registry
 from torchvision.ops import nms
 
@@ -248,6 +247,21 @@ def anchor_grid(view_hw, *, stride, sizes, ratios, offset):
     return _ANCHOR_CACHE[key]
 
 
+def _iou_to_anchors(box, anchors):
+    """(A,) float32 IoU of one XYXY ``box`` (4,) with ``anchors`` (A, 4), both float32.
+
+    Detectron2's ``pairwise_iou`` in numpy, with its float32 operations in its order (so the same
+    values bit for bit, tested), without the ``Boxes`` and torch dispatch overhead: a sample of
+    InsLoc calls it once against 5120 anchors (0.05 instead of 0.18 ms)."""
+    wh = np.minimum(anchors[:, 2:], box[2:]) - np.maximum(anchors[:, :2], box[:2])
+    np.clip(wh, 0, None, out=wh)
+    inter = wh[:, 0] * wh[:, 1]
+    area_box = (box[2] - box[0]) * (box[3] - box[1])
+    area_anchors = (anchors[:, 2] - anchors[:, 0]) * (anchors[:, 3] - anchors[:, 1])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(inter > 0, inter / (area_box + area_anchors - inter), np.float32(0))
+
+
 def pick_jittered_anchor(box, anchors, *, iou_threshold, nms_threshold, fallback_topk):
     """Index of the anchor InsLoc's box augmentation draws for ``box`` (XYXY, (4,)).
 
@@ -260,13 +274,14 @@ def pick_jittered_anchor(box, anchors, *, iou_threshold, nms_threshold, fallback
     = 1`` takes the best anchor when none qualifies. Scores come from ``np.random``, as every
     other draw of the mapper (seeded per data-loader worker).
     """
-    iou = pairwise_iou(Boxes(torch.as_tensor(np.asarray(box, dtype=np.float32)[None])), Boxes(anchors))[0]
-    candidates = torch.nonzero(iou > iou_threshold).flatten()
+    iou = _iou_to_anchors(np.asarray(box, dtype=np.float32), anchors.numpy())
+    candidates = np.flatnonzero(iou > iou_threshold)
     if len(candidates) == 0:
-        candidates = torch.topk(iou, min(fallback_topk, len(iou))).indices
+        candidates = torch.topk(torch.from_numpy(iou), min(fallback_topk, len(iou))).indices.numpy()
     if nms_threshold < 1 and len(candidates) > 1:
         scores = torch.as_tensor(np.random.rand(len(candidates)), dtype=torch.float32)
-        candidates = candidates[nms(anchors[candidates].float(), scores, nms_threshold)]  # suppresses IoU > thr
+        keep = nms(anchors[torch.from_numpy(candidates)].float(), scores, nms_threshold)  # suppresses IoU > thr
+        candidates = candidates[keep.numpy()]
     return int(candidates[np.random.randint(len(candidates))])
 
 
