@@ -273,3 +273,30 @@ def test_demo_summary_explains_a_filling_queue(tmp_path, capsys):
             assert expected in out and "the loss may rise" in out
         else:
             assert "queue is" not in out
+
+
+def test_checkpoint_digest_read_once_and_again_after_a_rewrite(tmp_path, monkeypatch):
+    """The benchmark asks for a checkpoint's digest in its plan and in its run: the file is read once;
+    a file rewritten in between (new modification time) is read again and gets its new digest."""
+    import builtins
+    import hashlib
+
+    path = tmp_path / "model_final.pth"
+    path.write_bytes(b"weights v1")
+    reads = []
+    real_open = builtins.open
+
+    def counting_open(file, *args, **kwargs):
+        if str(file) == str(path):
+            reads.append(file)
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", counting_open)
+    first = transfer.file_sha1(str(path))
+    assert transfer.file_sha1(str(path)) == first == hashlib.sha1(b"weights v1").hexdigest()
+    assert len(reads) == 1
+    path.write_bytes(b"weights v2")
+    st = os.stat(path)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))  # a rewrite within one clock tick
+    assert transfer.file_sha1(str(path)) == hashlib.sha1(b"weights v2").hexdigest()
+    assert len(reads) == 2
