@@ -1,7 +1,8 @@
 # Two commands for a newcomer (README):
 #   make demo   set up the venv (idempotent) and run pretrain -> fine-tune -> evaluate on built-in data
 #   make test   set up the venv (idempotent) and run the test suite
-VENV ?= .venv
+# REGIONSSL_VENV (also read by scripts/setup_env.sh) puts the venv elsewhere, e.g. one shared by clones
+VENV ?= $(or $(REGIONSSL_VENV),.venv)
 PY := $(VENV)/bin/python
 
 .PHONY: setup demo test bench
