@@ -181,6 +181,7 @@ def regionssl_mapper(config, opts, files):
         assert out is not None, path
         return out
 
+    run.mapper = mapper  # for bench/mapper_breakdown.py
     return run
 
 

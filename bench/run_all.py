@@ -26,6 +26,12 @@ BENCHMARKS = {
         ["--sizes", "640x480", "--rounds", "3", "--pairs", "20"],
         ["--rounds", "9"],
     ),
+    # where a sample's time goes, stage by stage (InsLoc, the pipeline under 2x of its reference)
+    "mapper_breakdown": (
+        "mapper_breakdown.py",
+        ["--sizes", "640x480", "--samples", "40"],
+        ["--samples", "300"],
+    ),
     "step_cost": (
         "step_cost.py",
         ["--batch", "2", "--size", "128", "--rounds", "1", "--warmup", "1", "--threads", "1"],
