@@ -23,7 +23,6 @@ from collections import Counter
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import cv2  # noqa: E402
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -46,19 +45,23 @@ class StageTimer:
         return self
 
     def __exit__(self, *exc):
-        for owner, attribute, fn in reversed(self._wrapped):
-            setattr(owner, attribute, fn)
+        for owner, attribute, fn, own in reversed(self._wrapped):
+            if own:
+                setattr(owner, attribute, fn)
+            else:  # it was inherited: uncover the base class's again
+                delattr(owner, attribute)
         self._wrapped.clear()
 
     def wrap(self, owner, attribute, stage):
         """Replace ``owner.attribute`` by a timed twin whose time counts toward ``stage``; ``stage`` may be
-        a function of the names of the enclosing stages (e.g. decode of a background vs of the sample)."""
+        a function of the list of enclosing stages' names, outermost first (e.g. to tell the decode of
+        a background from the sample's)."""
         fn = getattr(owner, attribute)
-        self._wrapped.append((owner, attribute, fn))
+        self._wrapped.append((owner, attribute, fn, attribute in vars(owner)))
 
         @functools.wraps(fn)
         def timed(*args, **kwargs):
-            name = stage(self._stack) if callable(stage) else stage
+            name = stage([s[0] for s in self._stack]) if callable(stage) else stage
             self._stack.append([name, 0.0])  # [stage, time of nested stages]
             t0 = time.perf_counter()
             try:
@@ -74,8 +77,8 @@ class StageTimer:
         setattr(owner, attribute, timed)
 
 
-def _decode_stage(stack):
-    return "JPEG decode, backgrounds" if any(s[0] == "background (read, resize)" for s in stack) else "JPEG decode, sample"
+def _decode_stage(enclosing):
+    return "JPEG decode, backgrounds" if "background (read, resize)" in enclosing else "JPEG decode, sample"
 
 
 def instrument(timer, view_generator, region_sampler):

@@ -17,14 +17,16 @@ def _breakdown_module():
         sys.path.remove(os.path.join(ROOT, "bench"))
 
 
-class _Work:
-    """Functions that advance a fake clock by fixed amounts, one calling the other."""
+class _Base:
+    def inner(self):
+        self.clock[0] += 2.0
+
+
+class _Work(_Base):
+    """Methods that advance a fake clock by fixed amounts, one calling the other (one inherited)."""
 
     def __init__(self, clock):
         self.clock = clock
-
-    def inner(self):
-        self.clock[0] += 2.0
 
     def outer(self):
         self.clock[0] += 1.0
@@ -40,13 +42,14 @@ def test_stage_timer_counts_exclusive_time_and_restores(monkeypatch):
     original_outer, original_inner = _Work.outer, _Work.inner
     with mb.StageTimer() as timer:
         timer.wrap(_Work, "outer", "outer")
-        timer.wrap(_Work, "inner", lambda stack: "inner of " + stack[-1][0] if stack else "inner alone")
+        timer.wrap(_Work, "inner", lambda enclosing: "inner of " + enclosing[-1] if enclosing else "inner alone")
         work = _Work(clock)
         work.outer()
         work.inner()
     assert timer.seconds == {"outer": 5.0, "inner of outer": 4.0, "inner alone": 2.0}
     assert timer.calls == {"outer": 1, "inner of outer": 2, "inner alone": 1}
     assert _Work.outer is original_outer and _Work.inner is original_inner
+    assert "inner" not in vars(_Work)  # the inherited method is uncovered again, not copied down
 
 
 def test_insloc_breakdown_names_both_decodes_and_leaves_the_mapper_unwrapped(tmp_path):
