@@ -342,3 +342,11 @@ def _add_test_keys(cfg):
     t.GUARD.MIN_SIM_GAP = 0.01
     # A condition that persists is warned about again only after this many iterations.
     t.GUARD.REPEAT_PERIOD = 1000
+
+    t.LOADER_WAIT = CN()
+    # Warn when the model waits for data: Detectron2's data_time (the slowest process's wait in
+    # next(data_loader)) above this fraction of the iteration time, summed over a window (0.0 = off).
+    t.LOADER_WAIT.MAX_FRACTION = 0.2
+    # Window in iterations; checked every window from the second on (the first is the workers' start-up).
+    # A wait that persists is warned about again after 10 windows.
+    t.LOADER_WAIT.WINDOW = 100

@@ -5,9 +5,9 @@
 * :class:`PretrainLoader` wraps the pretraining loader: it collects the unreadable files the mapper
   skipped, keeps the last batch for pictures and lets :class:`~regionssl.engine.resume.DataStateHook`
   act when the stream starts;
-* :class:`SkippedFilesHook`, :class:`ViewPairVisualizer`, :class:`ProbeHook`, :class:`CollapseGuard`:
-  the count of skipped files, view-pair pictures in TensorBoard, the periodic retrieval probe, the
-  collapse/stall guard.
+* :class:`SkippedFilesHook`, :class:`ViewPairVisualizer`, :class:`ProbeHook`, :class:`CollapseGuard`,
+  :class:`LoaderWaitWarning`: the count of skipped files, view-pair pictures in TensorBoard, the
+  periodic retrieval probe, the collapse/stall guard, the warning when the model waits for data.
 """
 import logging
 import math
@@ -22,7 +22,7 @@ from ..data.build import ResumableTrainingSampler
 
 __all__ = [
     "ModelStepHook", "PretrainLoader", "ViewPairVisualizer", "ProbeHook", "CollapseGuard", "TrainingCollapsed",
-    "SkippedFilesHook", "build_pretrain_hooks",
+    "SkippedFilesHook", "LoaderWaitWarning", "build_pretrain_hooks",
 ]
 
 logger = logging.getLogger(__name__)
@@ -298,8 +298,69 @@ class CollapseGuard(HookBase):
             )
 
 
+class LoaderWaitWarning(HookBase):
+    """Warn when the model waits for its data: the data loader, not the model, sets the speed.
+
+    Every ``window`` iterations from the second window on (the first is the loader workers'
+    start-up), the sum of Detectron2's ``data_time`` (time in ``next(data_loader)``, the slowest
+    process's) over the last ``window`` iterations is divided by the sum of their ``time`` (the
+    whole iteration, from ``IterationTimer``). Above ``max_fraction`` the main process logs the
+    fraction and the remedies; a wait that persists is warned about again after 10 windows.
+    ``on_device_hint``: the colour ops could move to the model's device (a CUDA model that does
+    not yet do so), so the message suggests it.
+    """
+
+    def __init__(self, *, max_fraction, window, num_workers, on_device_hint):
+        self.max_fraction, self.window = max_fraction, max(int(window), 1)
+        self.num_workers, self.on_device_hint = num_workers, on_device_hint
+        self._last_warned = -math.inf
+
+    @classmethod
+    def from_config(cls, cfg):
+        w = cfg.TEST.REGIONSSL.LOADER_WAIT
+        hint = cfg.MODEL.DEVICE.startswith("cuda") and not cfg.INPUT.REGIONSSL.PHOTOMETRIC.ON_DEVICE
+        return cls(max_fraction=w.MAX_FRACTION, window=w.WINDOW, num_workers=cfg.DATALOADER.NUM_WORKERS,
+                   on_device_hint=hint)
+
+    def wait_fraction(self, storage, iteration):
+        """sum(data_time) / sum(time) over the iterations (iteration - window, iteration] that have
+        both, or None when fewer than half of them do."""
+        logged = storage.histories()
+        if "data_time" not in logged or "time" not in logged:
+            return None
+        since = iteration - self.window
+        data = {it: v for v, it in logged["data_time"].values() if since < it <= iteration}
+        step = {it: v for v, it in logged["time"].values() if since < it <= iteration}
+        both = data.keys() & step.keys()
+        total = sum(step[it] for it in both)
+        if len(both) < max(1, self.window // 2) or total <= 0:
+            return None
+        return sum(data[it] for it in both) / total
+
+    def after_step(self):
+        it = self.trainer.iter
+        first = self.trainer.start_iter + 2 * self.window - 1
+        if not comm.is_main_process() or it < first or (it - first) % self.window:
+            return
+        fraction = self.wait_fraction(get_event_storage(), it)
+        if fraction is None or fraction <= self.max_fraction or it - self._last_warned < 10 * self.window:
+            return
+        self._last_warned = it
+        remedies = [f"more loader workers per process if the node has idle cores (DATALOADER.NUM_WORKERS, now "
+                    f"{self.num_workers})"]
+        if self.on_device_hint:
+            remedies.append("INPUT.REGIONSSL.PHOTOMETRIC.ON_DEVICE True (the colour ops run on the GPU)")
+        logger.warning(
+            f"regionssl: the model waited for data {fraction:.0%} of the time of iterations "
+            f"{it - self.window + 1}-{it} (data_time / time; above {self.max_fraction:.0%}). Remedies: "
+            + "; ".join(remedies) + ". TEST.REGIONSSL.LOADER_WAIT.MAX_FRACTION 0.0 silences this."
+        )
+
+
 def build_pretrain_hooks(cfg, trainer):
     hooks = [SkippedFilesHook(cfg.OUTPUT_DIR)]
+    if cfg.TEST.REGIONSSL.LOADER_WAIT.MAX_FRACTION > 0:
+        hooks.append(LoaderWaitWarning.from_config(cfg))
     if cfg.TEST.REGIONSSL.GUARD.ENABLED:
         hooks.append(CollapseGuard.from_config(cfg))
     if cfg.VIS_PERIOD > 0:
