@@ -24,7 +24,7 @@ BENCHMARKS = {
     "mapper_throughput": (
         "mapper_throughput.py",
         ["--sizes", "640x480", "--rounds", "3", "--pairs", "20"],
-        ["--rounds", "9"],
+        ["--rounds", "5", "--pairs", "40"],
     ),
     # where a sample's time goes, stage by stage (InsLoc, the pipeline under 2x of its reference)
     "mapper_breakdown": (
