@@ -77,8 +77,11 @@ class StageTimer:
         setattr(owner, attribute, timed)
 
 
+BACKGROUND = "background (read, resize)"
+
+
 def _decode_stage(enclosing):
-    return "JPEG decode, backgrounds" if "background (read, resize)" in enclosing else "JPEG decode, sample"
+    return "JPEG decode, backgrounds" if BACKGROUND in enclosing else "JPEG decode, sample"
 
 
 def instrument(timer, view_generator, region_sampler):
@@ -87,7 +90,7 @@ def instrument(timer, view_generator, region_sampler):
     timer.wrap(mapper_module, "open_image_or_none", "file read + header")
     timer.wrap(image_io, "open_image_or_none", "file read + header")  # backgrounds' files
     timer.wrap(image_io.ImageFile, "decode", _decode_stage)
-    timer.wrap(image_io.BackgroundSource, "resized", "background (read, resize)")
+    timer.wrap(image_io.BackgroundSource, "resized", BACKGROUND)
     timer.wrap(image_io.DecodedImage, "resized_crop", "resize")
     timer.wrap(T.AugmentationList, "__call__", "photometric (colour, grayscale, blur)")
     timer.wrap(mapper_module, "anchor_jitter", "anchor jitter")

@@ -28,6 +28,14 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 
+def _logged_in_window(logged, key, iteration, window):
+    """[(iteration, value)] of EventStorage history ``key`` over the iterations (iteration - window,
+    iteration], in logging order; empty if ``key`` was never logged. ``logged``: ``storage.histories()``."""
+    if key not in logged:
+        return []
+    return [(it, v) for v, it in logged[key].values() if iteration - window < it <= iteration]
+
+
 def _bare(model):
     """The model inside a DistributedDataParallel wrapper (``.module``), or the model itself."""
     return getattr(model, "module", model)
@@ -226,7 +234,7 @@ class CollapseGuard(HookBase):
             key = getattr(signal, name)
             if name == "loss" and only_loss and key not in logged:
                 key = "total_loss"
-            values = [v for v, it in logged[key].values() if iteration - self.window < it <= iteration] if key in logged else []
+            values = [v for _, v in _logged_in_window(logged, key, iteration, self.window)]
             out[name] = statistics.median(values) if len(values) >= max(1, self.window // 2) else None
         return out
 
@@ -326,11 +334,8 @@ class LoaderWaitWarning(HookBase):
         """sum(data_time) / sum(time) over the iterations (iteration - window, iteration] that have
         both, or None when fewer than half of them do."""
         logged = storage.histories()
-        if "data_time" not in logged or "time" not in logged:
-            return None
-        since = iteration - self.window
-        data = {it: v for v, it in logged["data_time"].values() if since < it <= iteration}
-        step = {it: v for v, it in logged["time"].values() if since < it <= iteration}
+        data = dict(_logged_in_window(logged, "data_time", iteration, self.window))
+        step = dict(_logged_in_window(logged, "time", iteration, self.window))
         both = data.keys() & step.keys()
         total = sum(step[it] for it in both)
         if len(both) < max(1, self.window // 2) or total <= 0:
