@@ -1,4 +1,5 @@
-"""The package: one version, declared dependencies, licence, and no test data on its import path."""
+"""The package: one version, declared dependencies (setup.py defers to pyproject.toml), licence, and no
+test data on its import path."""
 import ast
 import importlib.metadata
 import os
@@ -27,8 +28,19 @@ def test_one_version():
     assert "version" in project["project"]["dynamic"] and "version" not in project["project"]
     assert project["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "regionssl.__version__"}
     assert re.fullmatch(r"\d+\.\d+\.\d+", regionssl.__version__)
-    # written once in the repository: no setup.py / setup.cfg repeating it
-    assert not os.path.exists(os.path.join(ROOT, "setup.py")) and not os.path.exists(os.path.join(ROOT, "setup.cfg"))
+    assert not os.path.exists(os.path.join(ROOT, "setup.cfg"))
+
+
+def test_setup_py_defers_to_pyproject():
+    """setup.py is one bare ``setup()`` call: metadata and dependencies are read from pyproject.toml."""
+    with open(os.path.join(ROOT, "setup.py")) as f:
+        tree = ast.parse(f.read())
+    calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call)]
+    assert [(c.func.id, c.args, c.keywords) for c in calls] == [("setup", [], [])]
+    r = subprocess.run([sys.executable, "setup.py", "--name", "--version"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split()[-2:] == [_pyproject()["project"]["name"], regionssl.__version__]
 
 
 def test_license_is_apache_2_like_detectron2():
