@@ -161,6 +161,7 @@ def test_accumulation_that_changes_the_update_stops_unless_accepted(config, opts
     assert any(reasons[-1] in r.getMessage() for r in caplog.records)
 
 
+@pytest.mark.slow
 def test_pretrain_trainer_accumulates(tmp_path):
     cfg = cfg_of(os.path.join(QS, "mocov2_instant_test.yaml"), *NO_BN, "SOLVER.REGIONSSL.ACCUMULATE", "2",
                  "SOLVER.MAX_ITER", "2", "SOLVER.CHECKPOINT_PERIOD", "100")

@@ -142,6 +142,7 @@ def _dist_worker(out_dir):
                os.path.join(out_dir, f"rank{rank}.pt"))
 
 
+@pytest.mark.slow
 def test_two_processes_queues_and_shuffle_bn(tmp_path):
     r0, r1 = _launch2(_dist_worker, tmp_path)
     # identical queues holding both ranks' keys, in rank order
@@ -329,6 +330,7 @@ class _RecordIters(HookBase):
         self.iters.append((self.trainer.iter, self.trainer.model.iteration))
 
 
+@pytest.mark.slow
 def test_resume_restores_queues_pointer_and_momentum_exactly(tmp_path):
     cfg = _cfg("insloc_c4_instant_test.yaml", "SOLVER.MAX_ITER", 4, "SOLVER.CHECKPOINT_PERIOD", 2,
                "SOLVER.IMS_PER_BATCH", 2, "OUTPUT_DIR", str(tmp_path))

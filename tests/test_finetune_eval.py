@@ -6,11 +6,14 @@ configs, the tiny datasets' registration/metadata and Detectron2's COCO / VOC ev
 import math
 import os
 
+import pytest
 from detectron2.config import get_cfg
 from detectron2.engine import DefaultTrainer, hooks
 from detectron2.evaluation import COCOEvaluator, PascalVOCDetectionEvaluator
 from regionssl.config import add_regionssl_config
 import regionssl.modeling.roi_heads  # noqa: F401  (registers Res5ROIHeadsExtraNorm)
+
+pytestmark = pytest.mark.slow  # detectors train and evaluate
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 

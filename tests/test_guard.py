@@ -211,6 +211,7 @@ def _two_rank_worker(out_dir):
     torch.save(raised, os.path.join(out_dir, f"rank{comm.get_rank()}.pt"))
 
 
+@pytest.mark.slow
 def test_stop_raises_on_every_process(tmp_path):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -249,6 +250,7 @@ def _trainer_with_spy(cfg):
     return trainer, guard
 
 
+@pytest.mark.slow
 def test_real_short_instant_run_is_silent(tmp_path, caplog):
     cfg = _cfg("mocov2_instant_test.yaml", "SOLVER.MAX_ITER", 8, "SOLVER.IMS_PER_BATCH", 3,
                "SOLVER.CHECKPOINT_PERIOD", 100, "OUTPUT_DIR", str(tmp_path),
@@ -264,6 +266,7 @@ def test_real_short_instant_run_is_silent(tmp_path, caplog):
         assert problems == [], (it, med)
 
 
+@pytest.mark.slow
 def test_real_run_made_to_collapse_is_stopped(tmp_path):
     """InsLoc-FPN (narrow) at lr 0.3: within 10 steps every query is the same vector."""
     cfg = _cfg("insloc_fpn_instant_test.yaml", "SOLVER.MAX_ITER", 20, "SOLVER.IMS_PER_BATCH", 3, "SOLVER.BASE_LR", 0.3,

@@ -12,6 +12,9 @@ from regionssl.checkpoint import to_trunk_relative
 from regionssl.engine import FinetuneTrainer, PretrainTrainer
 
 from conftest import qs_cfg
+
+pytestmark = pytest.mark.slow  # every method pretrains, then a detector fine-tunes from it
+
 FPN = "finetune_coco_mask_rcnn_R_50_FPN_instant_test.yaml"
 C4 = "finetune_coco_mask_rcnn_R_50_C4_instant_test.yaml"
 

@@ -238,6 +238,7 @@ def _two_process_worker(out_dir):
         json.dump(result, f)
 
 
+@pytest.mark.slow
 def test_two_processes_gather_p4_negatives_only(tmp_path):
     launch(_two_process_worker, 2, dist_url="auto", args=(str(tmp_path),))
     for rank in range(2):

@@ -237,6 +237,7 @@ def test_resume_reproduces_the_uninterrupted_target():
             assert target_moved, n
 
 
+@pytest.mark.slow
 def test_trainer_resume_with_the_cosine_ema_is_bit_exact(tmp_path):
     """Through PretrainTrainer and its hooks (iteration before the step, EMA after the optimizer step
     and before the checkpointer): BYOL, 4 steps in one go == 2 steps, preempted right after the
@@ -433,6 +434,7 @@ def _sync_bn_worker(out_dir):
     torch.save({"y": y.detach(), "mean": bn.running_mean}, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
+@pytest.mark.slow
 def test_naive_sync_bn_1d_uses_global_statistics_across_two_processes(tmp_path):
     launch_cpu(_sync_bn_worker, (str(tmp_path),))
     outs = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]

@@ -151,6 +151,7 @@ def _two_process_worker(scores, out_dir):
     )
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one_process(tmp_path):
     """Detectron2's ``launch`` works on CPU (gloo): two processes with half the batch each get
     exactly the rows one process computes from the whole batch."""

@@ -65,6 +65,7 @@ def _submit(out, main, tmp_path, name):
     return slurm_launch.submit(args, main)
 
 
+@pytest.mark.slow
 def test_preempted_job_requeues_and_ends_with_the_uninterrupted_weights(tmp_path):
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the job process cannot import this file
     ref_out, pre_out = str(tmp_path / "uninterrupted"), str(tmp_path / "preempted")

@@ -138,6 +138,7 @@ def _run(args, timeout=600):
                           capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.slow
 def test_missing_weights_file_is_named(tmp_path):
     r = _run(["--config-file", os.path.join(QS, "finetune_coco_mask_rcnn_R_50_FPN_instant_test.yaml"),
               "MODEL.WEIGHTS", "/nonexistent/model_final.pth", "OUTPUT_DIR", str(tmp_path)])
@@ -145,6 +146,7 @@ def test_missing_weights_file_is_named(tmp_path):
     assert "MODEL.WEIGHTS='/nonexistent/model_final.pth' does not exist" in r.stderr
 
 
+@pytest.mark.slow
 def test_missing_dataset_folder_is_named(tmp_path):
     r = _run(["--config-file", os.path.join(QS, "mocov2_instant_test.yaml"),
               "DATASETS.TRAIN", "('folder:/nonexistent/images',)", "OUTPUT_DIR", str(tmp_path)])
@@ -152,6 +154,7 @@ def test_missing_dataset_folder_is_named(tmp_path):
     assert "Image folder '/nonexistent/images' does not exist" in r.stderr
 
 
+@pytest.mark.slow
 def test_two_process_cpu_pretraining_and_resume(tmp_path):
     """--num-gpus 2 on CPU runs two gloo processes; --resume continues at the saved iteration."""
     out = str(tmp_path / "run")

@@ -4,6 +4,7 @@ import os
 import random
 
 import numpy as np
+import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -247,6 +248,7 @@ def _two_process_worker(zs, prototypes, out_dir):
     torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
+@pytest.mark.slow
 def test_two_processes_share_the_queue_and_equal_one_process(tmp_path):
     zs = [_unit(3, 4, 128, seed=30 + t) for t in range(4)]  # global batch of 4 images per step
     single = _model(_cfg(*TWO_PROC_OPTS))

@@ -58,6 +58,7 @@ def wandb_history(run_file):
     return rows
 
 
+@pytest.mark.slow
 def test_trainer_scalars_reach_wandb_and_mlflow(tmp_path, monkeypatch):
     pytest.importorskip("wandb")
     pytest.importorskip("mlflow")

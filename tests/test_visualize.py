@@ -74,6 +74,7 @@ def test_visualize_views_command_writes_pngs(tmp_path):
     assert Image.open(written[0]).mode == "RGB"
 
 
+@pytest.mark.slow
 def test_vis_period_puts_view_pictures_into_tensorboard(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
