@@ -24,7 +24,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [REPO, os.path.join(REPO, "tools")]
 import regionssl  # noqa: E402,F401
 import detectron2.utils.events as events  # noqa: E402
-from build_tiny_datasets import register_tiny_datasets  # noqa: E402
+from regionssl_workbench.tiny_datasets import register_tiny_datasets  # noqa: E402
 from detectron2.data import build_detection_test_loader  # noqa: E402
 from regionssl.engine import FinetuneTrainer, adapt_to_machine, get_regionssl_cfg  # noqa: E402
 

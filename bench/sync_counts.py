@@ -36,7 +36,7 @@ from detectron2.utils.logger import setup_logger  # noqa: E402
 from regionssl.data.build import get_pretrain_dataset_dicts  # noqa: E402
 from regionssl.data.mapper import RegionSSLDatasetMapper  # noqa: E402
 from regionssl.engine import PretrainTrainer, adapt_to_machine, get_regionssl_cfg  # noqa: E402
-from regionssl.utils.host_reads import count_trainer_step  # noqa: E402
+from regionssl_workbench.host_reads import count_trainer_step  # noqa: E402
 
 QUICK = os.path.join(REPO, "configs", "quick_schedules")
 R18 = ["MODEL.RESNETS.DEPTH", 18, "MODEL.RESNETS.RES2_OUT_CHANNELS", 64]

@@ -21,7 +21,7 @@ CONFIGS = os.path.join(ROOT, "configs")
 QS = os.path.join(CONFIGS, "quick_schedules")
 sys.path.insert(0, os.path.join(ROOT, "tools"))
 
-import build_tiny_datasets as tiny  # noqa: E402  (test data: not part of the regionssl package)
+from regionssl_workbench import tiny_datasets as tiny  # noqa: E402  (test data: not part of the regionssl package)
 
 tiny.register_tiny_datasets()
 

@@ -28,7 +28,7 @@ from regionssl.data.build import build_pretrain_train_loader
 from regionssl.engine import adapt_to_machine, get_regionssl_cfg
 from regionssl.engine.trainer import wrap_ddp
 from regionssl.modeling.shuffle import shuffled_forward
-from regionssl.utils.host_reads import HostReadCounter
+from regionssl_workbench.host_reads import HostReadCounter
 
 from conftest import QS, ROOT, launch_cpu
 

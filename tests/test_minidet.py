@@ -12,7 +12,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
-from regionssl.data import minidet
+from regionssl_workbench import minidet
 
 # fake cut-outs: per class a folder with 3 stamps, plus files the lister must skip
 _COLOURS = {"mammal": (200, 120, 40), "bird": (40, 40, 200), "flower": (220, 40, 160), "produce": (60, 200, 60)}

@@ -20,7 +20,7 @@ from PIL import Image
 
 from regionssl.data import photo_pool
 
-import build_photo_pool as bpp  # tools/ (on sys.path through conftest.py)
+from regionssl_workbench import photo_pool as bpp
 
 Item, Source = bpp.Item, bpp.Source
 

@@ -13,7 +13,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import BoxMode
 from regionssl.data.demo_images import demo_image_files, register_demo_images
 
-import build_tiny_datasets as tiny  # tools/
+from regionssl_workbench import tiny_datasets as tiny
 from conftest import ROOT as REPO
 
 
@@ -171,8 +171,7 @@ def test_loader_builds_on_first_use_and_ensure_is_idempotent(tmp_path, monkeypat
 def test_concurrent_ensure(tmp_path):
     """Two processes building the same root at once both succeed and leave one complete copy."""
     root = str(tmp_path / "race" / "regionssl_tiny")
-    code = ("import sys; sys.path.insert(0, %r); from build_tiny_datasets import ensure_tiny_datasets; "
-            "print(ensure_tiny_datasets(%r))" % (os.path.dirname(os.path.abspath(tiny.__file__)), root))
+    code = "from regionssl_workbench.tiny_datasets import ensure_tiny_datasets; print(ensure_tiny_datasets(%r))" % root
     procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE) for _ in range(2)]
     outs = [p.communicate(timeout=600)[0].decode().strip().splitlines()[-1] for p in procs]
     assert [p.returncode for p in procs] == [0, 0] and outs == [root, root]

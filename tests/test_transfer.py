@@ -10,7 +10,7 @@ import pytest
 
 from regionssl import transfer
 
-import build_tiny_datasets as tiny  # tools/
+from regionssl_workbench import tiny_datasets as tiny
 from conftest import ROOT as REPO
 
 FINETUNE = os.path.join(REPO, "configs", "quick_schedules", "finetune_coco_mask_rcnn_R_50_FPN_instant_test.yaml")

@@ -56,7 +56,7 @@ def background_files(name):
 
 
 def main(argv=None):
-    from regionssl.data.minidet import CLASSES, build_minidet, default_root
+    from regionssl_workbench.minidet import CLASSES, build_minidet, default_root
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--root", default=None, help=f"output folder (default: {default_root()})")

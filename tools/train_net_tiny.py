@@ -17,7 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 from detectron2.engine import default_argument_parser, launch  # noqa: E402
 
 import train_net  # noqa: E402
-from build_tiny_datasets import register_tiny_datasets  # noqa: E402
+from regionssl_workbench.tiny_datasets import register_tiny_datasets  # noqa: E402
 
 register_tiny_datasets()  # at import: processes started by `launch` (--num-gpus N) import this module too
 

@@ -27,10 +27,11 @@ import numpy as np
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import register_coco_instances
 
-from ..utils.files import file_sha1
+from regionssl.data.datasets import IMAGE_EXTENSIONS
+from regionssl.data.image_io import read_rgb_or_none
+from regionssl.utils.files import file_sha1
+
 from .atomic import build_once
-from .datasets import IMAGE_EXTENSIONS
-from .image_io import read_rgb_or_none
 
 __all__ = [
     "CLASSES", "STAMP_SOURCES", "STAMP_EXCLUDE", "SPLITS", "default_root", "minidet_paths", "list_cutouts",

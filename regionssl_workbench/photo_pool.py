@@ -40,9 +40,8 @@ import cv2
 import numpy as np
 from PIL import Image
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a clone
-from regionssl.data.image_io import MIN_IMAGE_SIDE, image_file_from_bytes  # noqa: E402
-from regionssl.data.photo_pool import MANIFEST, SPLITS, default_pool_root  # noqa: E402
+from regionssl.data.image_io import MIN_IMAGE_SIDE, image_file_from_bytes
+from regionssl.data.photo_pool import MANIFEST, SPLITS, default_pool_root
 
 logger = logging.getLogger("regionssl.photo_pool")
 

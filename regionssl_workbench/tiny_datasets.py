@@ -22,18 +22,16 @@ Running this script is only needed to inspect the data or to prepare a shared, r
 import argparse
 import json
 import os
-import sys
 
 import cv2
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a clone
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data.datasets import register_coco_instances, register_pascal_voc
 
-from detectron2.data import DatasetCatalog, MetadataCatalog  # noqa: E402
-from detectron2.data.datasets import register_coco_instances, register_pascal_voc  # noqa: E402
+from regionssl.data.demo_images import demo_image_files, register_demo_images
 
-from regionssl.data.atomic import build_once  # noqa: E402
-from regionssl.data.demo_images import demo_image_files, register_demo_images  # noqa: E402
+from .atomic import build_once
 
 __all__ = [
     "CATEGORIES", "default_root", "tiny_paths", "build_tiny_coco", "build_tiny_voc", "ensure_tiny_datasets",
