@@ -1,8 +1,8 @@
 """A small detection set of real objects on real photos, for transfer benchmarks on a CPU.
 
-``regionssl_minidet_{train,val}`` is a COCO instance-segmentation set built by
-``tools/build_detection_set.py``: photographic cut-outs (RGBA stamps, e.g. Debian's
-``tuxpaint-stamps-default``) pasted onto crops of real photos. Everything about an instance is
+``regionssl_minidet_{train,val}`` (registered by ``regionssl.data.minidet_catalog``) is a COCO
+instance-segmentation set built here (``python tools/build_detection_set.py``): photographic
+cut-outs (RGBA stamps, e.g. Debian's ``tuxpaint-stamps-default``) pasted onto crops of real photos. Everything about an instance is
 known by construction:
 
 * its mask is the cut-out's alpha (``alpha >= 0.5`` after resizing) minus what objects pasted
@@ -24,25 +24,21 @@ from collections import Counter
 import cv2
 import numpy as np
 
-from detectron2.data import DatasetCatalog, MetadataCatalog
-from detectron2.data.datasets import register_coco_instances
-
 from regionssl.data.datasets import IMAGE_EXTENSIONS
 from regionssl.data.image_io import read_rgb_or_none
+from regionssl.data.minidet_catalog import CLASSES, SPLITS, default_root, minidet_paths
 from regionssl.utils.files import file_sha1
 
 from .atomic import build_once
 
 __all__ = [
     "CLASSES", "STAMP_SOURCES", "STAMP_EXCLUDE", "SPLITS", "default_root", "minidet_paths", "list_cutouts",
-    "split_cutouts", "check_disjoint_backgrounds", "compose_image", "build_minidet", "register_minidet",
+    "split_cutouts", "check_disjoint_backgrounds", "compose_image", "build_minidet",
 ]
 
 logger = logging.getLogger(__name__)
 
 _VERSION = "regionssl_minidet v1"  # bump when the generator changes: a stale build is rebuilt
-SPLITS = ("train", "val")
-CLASSES = ("mammal", "bird", "flower", "produce")  # COCO category ids 1..4
 # Folders of photographic stamps per class (relative to the stamps root, searched recursively).
 STAMP_SOURCES = {
     "mammal": ("animals/mammals",),
@@ -67,21 +63,6 @@ _PARAMS = {
     "val_fraction": 0.3,                         # of each class' cut-outs
 }
 MAX_OCCLUDED = _PARAMS["max_occluded"]
-
-
-def default_root():
-    """``$DETECTRON2_DATASETS/regionssl_minidet`` (Detectron2's convention, default ``./datasets``)."""
-    return os.path.join(os.path.expanduser(os.getenv("DETECTRON2_DATASETS", "datasets")), "regionssl_minidet")
-
-
-def minidet_paths(root=None):
-    """Where each part of the set lives under ``root``: ``{split}_json``, ``{split}_images``, ``manifest``."""
-    root = os.path.abspath(root or default_root())
-    out = {"manifest": os.path.join(root, "manifest.json")}
-    for split in SPLITS:
-        out[split + "_json"] = os.path.join(root, "annotations", "instances_%s.json" % split)
-        out[split + "_images"] = os.path.join(root, split)
-    return out
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -336,37 +317,3 @@ def build_minidet(root, stamps_root, train_backgrounds, val_backgrounds, num_tra
     built = build_once(root, stamp, build, force=force)
     with open(minidet_paths(root)["manifest"]) as f:
         return json.load(f), built
-
-
-# ----------------------------------------------------------------------------- registration
-def _require_built(name, json_file, loader):
-    def load():
-        if not os.path.isfile(json_file):
-            raise FileNotFoundError(
-                f"Dataset {name!r}: {json_file} does not exist. Build it once with "
-                "`python tools/build_detection_set.py` (needs the photo pool and tuxpaint-stamps-default).")
-        return loader()
-
-    return load
-
-
-def register_minidet(root=None, force=False):
-    """Register ``regionssl_minidet_{train,val}`` with Detectron2's ``register_coco_instances``.
-
-    Nothing is read or built now; loading an unbuilt split stops with one message naming the
-    build command. ``force`` re-registers (e.g. after changing the root).
-    """
-    root = os.path.abspath(root or default_root())
-    paths = minidet_paths(root)
-    meta = {"thing_classes": list(CLASSES),
-            "thing_dataset_id_to_contiguous_id": {i + 1: i for i in range(len(CLASSES))}}
-    for split in SPLITS:
-        name = "regionssl_minidet_" + split
-        if force:
-            DatasetCatalog.pop(name, None)
-            MetadataCatalog.pop(name, None)
-        if name in DatasetCatalog:
-            continue
-        register_coco_instances(name, dict(meta), paths[split + "_json"], paths[split + "_images"])
-        DatasetCatalog.register(name, _require_built(name, paths[split + "_json"], DatasetCatalog.pop(name)))
-    return root

@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Build the photo pool ``regionssl_photos_{train,heldout,detval}`` from pip-downloadable packages.
 
     python tools/build_photo_pool.py                  # into $DETECTRON2_DATASETS/regionssl_photos

@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Build the tiny synthetic COCO and VOC sets used by tests, fine-tuning quick schedules and the demo.
 
     python tools/build_tiny_datasets.py                 # into the default root (see below)
@@ -16,7 +15,7 @@ Test and demo data, not part of the ``regionssl`` package: the tests register th
 Default root: $REGIONSSL_DATASETS, else $DETECTRON2_DATASETS/regionssl_tiny, else
 <repo>/datasets/regionssl_tiny. Registered sets build on first use (not at registration time);
 building is deterministic (seeded ``numpy`` generators) and safe when several processes ask for it
-at once (``regionssl.data.atomic.build_once``: file lock, build in a temporary folder, rename).
+at once (``regionssl_workbench.atomic.build_once``: file lock, build in a temporary folder, rename).
 Running this script is only needed to inspect the data or to prepare a shared, read-only copy.
 """
 import argparse
@@ -50,7 +49,7 @@ _HUES = (0.0, 220.0, 120.0, 50.0)
 
 def default_root():
     """``$REGIONSSL_DATASETS``, else ``$DETECTRON2_DATASETS/regionssl_tiny``, else
-    ``<repo>/datasets/regionssl_tiny`` (repo = parent folder of ``tools/``)."""
+    ``<repo>/datasets/regionssl_tiny`` (repo = parent folder of ``regionssl_workbench/``)."""
     if os.environ.get("REGIONSSL_DATASETS"):
         return os.environ["REGIONSSL_DATASETS"]
     if os.environ.get("DETECTRON2_DATASETS"):
@@ -272,7 +271,7 @@ def build_tiny_voc(root):
 def ensure_tiny_datasets(root=None, force=False):
     """Build both tiny sets under ``root`` unless a complete build of this version is there.
 
-    Idempotent and safe under concurrency (``regionssl.data.atomic.build_once``: lock, temporary
+    Idempotent and safe under concurrency (``regionssl_workbench.atomic.build_once``: lock, temporary
     folder, rename; the ``VERSION`` stamp is written last).
 
     Returns:

@@ -1,4 +1,5 @@
-"""The real-object detection set builder (regionssl.data.minidet) on fake cut-outs and photos."""
+"""The real-object detection set: its builder (regionssl_workbench.minidet) on fake cut-outs and photos,
+and its registration (regionssl.data.minidet_catalog)."""
 import json
 import os
 import shutil
@@ -12,6 +13,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
+from regionssl.data import minidet_catalog
 from regionssl_workbench import minidet
 
 # fake cut-outs: per class a folder with 3 stamps, plus files the lister must skip
@@ -201,7 +203,7 @@ def test_build_is_idempotent_and_deterministic(built, inputs, tmp_path):
 def test_loads_with_detectron2_and_pycocotools(built):
     root, _ = built
     try:
-        minidet.register_minidet(root, force=True)
+        minidet_catalog.register_minidet(root, force=True)
         dicts = DatasetCatalog.get("regionssl_minidet_val")
         assert len(dicts) == 6
         assert MetadataCatalog.get("regionssl_minidet_val").thing_classes == list(minidet.CLASSES)
@@ -222,16 +224,16 @@ def test_loads_with_detectron2_and_pycocotools(built):
             ev.evaluate(), ev.accumulate(), ev.summarize()
             assert ev.stats[1] == pytest.approx(1.0)  # AP50
     finally:
-        minidet.register_minidet(force=True)
+        minidet_catalog.register_minidet(force=True)
 
 
 def test_unbuilt_split_names_the_build_command(tmp_path):
     try:
-        minidet.register_minidet(str(tmp_path / "none"), force=True)
+        minidet_catalog.register_minidet(str(tmp_path / "none"), force=True)
         with pytest.raises(FileNotFoundError, match="build_detection_set.py"):
             DatasetCatalog.get("regionssl_minidet_train")
     finally:
-        minidet.register_minidet(force=True)
+        minidet_catalog.register_minidet(force=True)
 
 
 def test_protocol_config_reads_the_masks_as_bitmasks(built):
@@ -248,7 +250,7 @@ def test_protocol_config_reads_the_masks_as_bitmasks(built):
                                          "finetune", "minidet_mask_rcnn_R_50_FPN_mini.yaml"))
     assert cfg.DATASETS.TRAIN == ("regionssl_minidet_train",) and cfg.MODEL.ROI_HEADS.NUM_CLASSES == len(minidet.CLASSES)
     try:
-        minidet.register_minidet(root, force=True)
+        minidet_catalog.register_minidet(root, force=True)
         mapper = DatasetMapper(cfg, is_train=True)
         for record in DatasetCatalog.get("regionssl_minidet_train")[:4]:
             inst = mapper(record)["instances"]
@@ -256,4 +258,4 @@ def test_protocol_config_reads_the_masks_as_bitmasks(built):
             extent = inst.gt_masks.get_bounding_boxes().tensor
             assert torch.allclose(extent, inst.gt_boxes.tensor, atol=1.5)
     finally:
-        minidet.register_minidet(force=True)
+        minidet_catalog.register_minidet(force=True)
