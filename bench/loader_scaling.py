@@ -11,12 +11,9 @@ ratio between worker counts; a worker's own rate is bench/mapper_throughput.py's
 import argparse
 import os
 import platform
-import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPES = ["mocov2", "scrl", "resim_fpn", "swav", "insloc_fpn", "byol", "cvsa"]
 
@@ -30,7 +27,9 @@ def main():
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--recipes", nargs="*", default=RECIPES)
     args = ap.parse_args()
-    from mapper_throughput import make_photos
+    from regionssl_workbench.scripts import load_script
+
+    make_photos = load_script(os.path.join(REPO, "bench", "mapper_throughput.py")).make_photos
 
     from regionssl.data import build_pretrain_train_loader
     from regionssl.engine import get_regionssl_cfg

@@ -25,8 +25,9 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import cv2  # noqa: E402
 import torch  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import mapper_throughput as throughput  # noqa: E402
+from regionssl_workbench.scripts import load_script  # noqa: E402
+
+throughput = load_script(os.path.join(os.path.dirname(os.path.abspath(__file__)), "mapper_throughput.py"))
 
 from detectron2.data import transforms as T  # noqa: E402
 

@@ -26,20 +26,18 @@ import argparse
 import os
 import platform
 import statistics
-import sys
 import time
 from collections import defaultdict
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import regionssl  # noqa: E402,F401
-from detectron2.modeling import build_model  # noqa: E402
-from fvcore.nn import FlopCountAnalysis  # noqa: E402
-from regionssl.data.build import get_pretrain_dataset_dicts  # noqa: E402
-from regionssl.data.mapper import RegionSSLDatasetMapper  # noqa: E402
-from regionssl.engine import PretrainTrainer, get_regionssl_cfg  # noqa: E402
-from regionssl.modeling.encoders import C4Encoder, FPNEncoder  # noqa: E402
+import regionssl  # noqa: F401
+from detectron2.modeling import build_model
+from fvcore.nn import FlopCountAnalysis
+from regionssl.data.build import get_pretrain_dataset_dicts
+from regionssl.data.mapper import RegionSSLDatasetMapper
+from regionssl.engine import PretrainTrainer, get_regionssl_cfg
+from regionssl.modeling.encoders import C4Encoder, FPNEncoder
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODELS = {

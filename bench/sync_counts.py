@@ -19,24 +19,22 @@ import json
 import logging
 import os
 import random
-import sys
 import tempfile
 
 import numpy as np
 import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-import regionssl  # noqa: E402,F401
-from detectron2.engine import launch  # noqa: E402
-from detectron2.engine.launch import _find_free_port  # noqa: E402
-from detectron2.utils import comm  # noqa: E402
-from detectron2.utils.events import EventStorage  # noqa: E402
-from detectron2.utils.logger import setup_logger  # noqa: E402
-from regionssl.data.build import get_pretrain_dataset_dicts  # noqa: E402
-from regionssl.data.mapper import RegionSSLDatasetMapper  # noqa: E402
-from regionssl.engine import PretrainTrainer, adapt_to_machine, get_regionssl_cfg  # noqa: E402
-from regionssl_workbench.host_reads import count_trainer_step  # noqa: E402
+import regionssl  # noqa: F401
+from detectron2.engine import launch
+from detectron2.engine.launch import _find_free_port
+from detectron2.utils import comm
+from detectron2.utils.events import EventStorage
+from detectron2.utils.logger import setup_logger
+from regionssl.data.build import get_pretrain_dataset_dicts
+from regionssl.data.mapper import RegionSSLDatasetMapper
+from regionssl.engine import PretrainTrainer, adapt_to_machine, get_regionssl_cfg
+from regionssl_workbench.host_reads import count_trainer_step
 
 QUICK = os.path.join(REPO, "configs", "quick_schedules")
 R18 = ["MODEL.RESNETS.DEPTH", 18, "MODEL.RESNETS.RES2_OUT_CHANNELS", 64]

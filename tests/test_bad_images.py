@@ -11,6 +11,7 @@ from PIL import Image
 from regionssl.data import RegionSSLDatasetMapper, build_pretrain_train_loader, get_pretrain_dataset_dicts
 from regionssl.data.image_io import MIN_IMAGE_SIDE, read_rgb_or_none
 from regionssl.engine import get_regionssl_cfg
+from regionssl_workbench.scripts import load_script
 
 H, W = 240, 320
 
@@ -219,7 +220,7 @@ def test_skipped_files_counted_over_workers_in_metrics_and_summary(tmp_path, cap
     from detectron2.utils.events import EventStorage
 
     from regionssl.engine.hooks import PretrainLoader, SkippedFilesHook
-    from tools.summarize_run import main as summarize
+    summarize = load_script("tools/summarize_run.py").main
 
     bad = _folder_with_bad_files(tmp_path / "imgs")
     cfg = get_regionssl_cfg(None, _opts("TwoCrops", "WholeView"))

@@ -7,11 +7,9 @@
 * SwAV's queue scores reach Sinkhorn in fp32 under autocast; the probe reseeds no device RNG;
   a rank without any region pair neither hangs nor diverges; shuffle routing keeps dtypes.
 """
-import importlib
 import json
 import os
 import random
-import sys
 import warnings
 from datetime import timedelta
 
@@ -29,18 +27,16 @@ from regionssl.engine import adapt_to_machine, get_regionssl_cfg
 from regionssl.engine.trainer import wrap_ddp
 from regionssl.modeling.shuffle import shuffled_forward
 from regionssl_workbench.host_reads import HostReadCounter
+from regionssl_workbench.scripts import load_script
 
-from conftest import QS, ROOT, launch_cpu
+from conftest import QS, launch_cpu
 
 R18 = ["MODEL.RESNETS.DEPTH", 18, "MODEL.RESNETS.RES2_OUT_CHANNELS", 64]
 
 
 def _bench():
-    """``bench/sync_counts.py`` as a module (importable by name: spawned workers unpickle it)."""
-    bench_dir = os.path.join(ROOT, "bench")
-    if bench_dir not in sys.path:
-        sys.path.insert(0, bench_dir)
-    return importlib.import_module("sync_counts")
+    """``bench/sync_counts.py`` as a module (loaded again by path in each spawned worker)."""
+    return load_script("bench/sync_counts.py")
 
 
 # Host reads per training step: (1 process, 2 processes). Every step reads its losses and logged

@@ -1,20 +1,12 @@
 """bench/mapper_breakdown.py's accounting: each stage gets its exclusive time, every wrapper goes away."""
-import importlib
-import os
-import sys
-
 from detectron2.data import transforms as T
 
-from conftest import ROOT
 from regionssl.data import image_io, mapper as mapper_module
+from regionssl_workbench.scripts import load_script
 
 
 def _breakdown_module():
-    sys.path.insert(0, os.path.join(ROOT, "bench"))
-    try:
-        return importlib.import_module("mapper_breakdown")
-    finally:
-        sys.path.remove(os.path.join(ROOT, "bench"))
+    return load_script("bench/mapper_breakdown.py")
 
 
 class _Base:

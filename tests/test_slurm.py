@@ -14,11 +14,13 @@ import cloudpickle  # noqa: E402  (a submitit dependency)
 
 from conftest import QS, ROOT  # noqa: E402
 
-import slurm_launch  # noqa: E402  (puts the repository root on sys.path)
-import train_net  # noqa: E402
+from regionssl_workbench.scripts import load_script  # noqa: E402
 
 from regionssl.engine.slurm import TrainJob, dist_url_for  # noqa: E402
 from regionssl.engine.trainer import PretrainTrainer  # noqa: E402
+
+slurm_launch = load_script("tools/slurm_launch.py")
+train_net = slurm_launch.train_net
 
 
 def test_distributed_args_come_from_the_job_environment():

@@ -14,7 +14,9 @@ import regionssl  # noqa: F401
 from regionssl.checkpoint import FormatTag, RegionSSLCheckpointer
 
 from conftest import QS, ROOT, cfg_of
-from convert_to_detectron2 import convert  # tools/
+from regionssl_workbench.scripts import load_script
+
+convert = load_script("tools/convert_to_detectron2.py").convert
 
 
 ALL_CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "**", "*.yaml"), recursive=True))
@@ -175,7 +177,7 @@ def test_two_process_cpu_pretraining_and_resume(tmp_path):
 
 def test_probe_command_line_takes_overrides_after_seeds():
     # Detectron2 users append config overrides at the end; --seeds must not swallow them.
-    from probe import parse_args
+    parse_args = load_script("tools/probe.py").parse_args
 
     args = parse_args(["--config-file", "c.yaml", "--seeds", "0", "1", "2", "MODEL.WEIGHTS", "w.pth"])
     assert args.seeds == [0, 1, 2] and args.opts == ["MODEL.WEIGHTS", "w.pth"]

@@ -14,7 +14,9 @@ from regionssl.engine import PretrainTrainer, adapt_to_machine, get_regionssl_cf
 from regionssl.data.visualize import _HEADER, _PALETTE, draw_sample
 
 from conftest import ROOT
-import visualize_views  # tools/
+from regionssl_workbench.scripts import load_script
+
+visualize_views = load_script("tools/visualize_views.py")
 
 CASES = {
     "insloc": ("configs/insloc_fpn.yaml", ["INPUT.REGIONSSL.CROP_SIZE", 128, "INPUT.REGIONSSL.COPY_PASTE.FG_SIZE", [48, 100]]),

@@ -16,8 +16,6 @@ import shutil
 import subprocess
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a clone
-
 STAMPS_PACKAGE = "tuxpaint-stamps-default"
 STAMPS_ROOT = "/usr/share/tuxpaint/stamps"
 

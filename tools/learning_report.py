@@ -24,7 +24,6 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 # name -> (config, extra options given the output root); CVSA's stage 2 starts from BYOL's stage 1
 RECIPES = {
@@ -82,7 +81,9 @@ def probe(name, out):
         if done.get("protocol") == protocol:
             return done
         print(f"[learning_report] {path} was probed under other settings: probing again", flush=True)
-    from tools.probe import main as probe_main  # noqa: E402  (our tools/, not Detectron2's)
+    from regionssl_workbench.scripts import load_script
+
+    probe_main = load_script(os.path.join(ROOT, "tools", "probe.py")).main
 
     weights = os.path.join(out, name, "model_final.pth")
     results = probe_main(["--config-file", config_path(name), "--weights", weights, "--random-init",
