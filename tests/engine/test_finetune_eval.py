@@ -13,9 +13,10 @@ from detectron2.evaluation import COCOEvaluator, PascalVOCDetectionEvaluator
 from regionssl.config import add_regionssl_config
 import regionssl.modeling.roi_heads  # noqa: F401  (registers Res5ROIHeadsExtraNorm)
 
+from conftest import CONFIGS
+
 pytestmark = pytest.mark.slow  # detectors train and evaluate
 
-CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
 
 class Trainer(DefaultTrainer):

@@ -19,7 +19,9 @@ from regionssl.data.mapper import RegionSSLDatasetMapper
 from regionssl.engine import get_regionssl_cfg
 from regionssl.solver import LARS, build_lars_param_groups
 
-CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "quick_schedules", "swav_instant_test.yaml")
+from conftest import QS
+
+CONFIG = os.path.join(QS, "swav_instant_test.yaml")
 
 
 def _cfg(*opts):

@@ -17,7 +17,8 @@ import regionssl  # noqa: F401  (registers models and datasets)
 from regionssl.engine import PretrainTrainer, get_regionssl_cfg
 from regionssl.engine.hooks import CollapseGuard, TrainingCollapsed
 
-QUICK = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "quick_schedules")
+from conftest import QS as QUICK
+
 R18 = ["MODEL.DEVICE", "cpu", "MODEL.RESNETS.DEPTH", 18, "MODEL.RESNETS.RES2_OUT_CHANNELS", 64,
        "MODEL.REGIONSSL.PROJECTOR.HIDDEN_DIM", 256, "INPUT.REGIONSSL.CROP_SIZE", 64,
        "INPUT.REGIONSSL.COPY_PASTE.FG_SIZE", [24, 60]]

@@ -16,6 +16,8 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from regionssl.data import minidet_catalog
 from regionssl_workbench import minidet
 
+from conftest import CONFIGS
+
 # fake cut-outs: per class a folder with 3 stamps, plus files the lister must skip
 _COLOURS = {"mammal": (200, 120, 40), "bird": (40, 40, 200), "flower": (220, 40, 160), "produce": (60, 200, 60)}
 SOURCES = {c: ("fake/" + c,) for c in minidet.CLASSES}
@@ -246,7 +248,7 @@ def test_protocol_config_reads_the_masks_as_bitmasks(built):
     from regionssl.engine import get_regionssl_cfg
 
     root, _ = built
-    cfg = get_regionssl_cfg(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
+    cfg = get_regionssl_cfg(os.path.join(CONFIGS,
                                          "finetune", "minidet_mask_rcnn_R_50_FPN_mini.yaml"))
     assert cfg.DATASETS.TRAIN == ("regionssl_minidet_train",) and cfg.MODEL.ROI_HEADS.NUM_CLASSES == len(minidet.CLASSES)
     try:

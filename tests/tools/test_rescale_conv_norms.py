@@ -8,7 +8,8 @@ import pytest
 import torch
 from detectron2.modeling.backbone.resnet import BasicStem, BottleneckBlock
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import ROOT as REPO
+
 spec = importlib.util.spec_from_file_location("rescale_conv_norms", os.path.join(REPO, "tools", "rescale_conv_norms.py"))
 rescale = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(rescale)

@@ -15,7 +15,8 @@ from detectron2.utils.events import EventStorage
 from regionssl.config import add_regionssl_config
 from regionssl.modeling.roi_heads import FastRCNNConvFCHeadExtraNorm, Res5ROIHeadsExtraNorm
 
-CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+from conftest import CONFIGS
+
 C4_COCO = "quick_schedules/finetune_coco_mask_rcnn_R_50_C4_instant_test.yaml"
 C4_VOC = "quick_schedules/finetune_voc_R_50_C4_instant_test.yaml"
 FPN_COCO = "quick_schedules/finetune_coco_mask_rcnn_R_50_FPN_instant_test.yaml"

@@ -30,9 +30,10 @@ from regionssl.data.mapper import RegionSSLDatasetMapper
 from regionssl.engine import PretrainTrainer, get_regionssl_cfg
 from regionssl.engine.hooks import CollapseGuard
 
+from conftest import QS as QUICK
+
 pytestmark = pytest.mark.slow  # every method trains on two fixed batches
 
-QUICK = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "quick_schedules")
 BATCH = 3  # images per batch: the 6 training demo photos make two disjoint batches
 SMALL = [
     "MODEL.DEVICE", "cpu",

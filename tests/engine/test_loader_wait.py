@@ -16,7 +16,8 @@ import regionssl  # noqa: F401  (registers models and datasets)
 from regionssl.engine import PretrainTrainer, get_regionssl_cfg
 from regionssl.engine.hooks import LoaderWaitWarning, build_pretrain_hooks
 
-QUICK = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "quick_schedules")
+from conftest import QS as QUICK
+
 LOGGER = "regionssl.engine.hooks"
 
 
