@@ -18,6 +18,9 @@ from detectron2.engine import HookBase
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(ROOT, "configs")
 QS = os.path.join(CONFIGS, "quick_schedules")
+# A guard against hangs only (a subprocess, a gloo collective, a barrier, a local Slurm job): far above
+# any run's time on a busy machine, so that no test depends on the machine's speed or load.
+HANG_TIMEOUT = 3600  # seconds
 
 from regionssl_workbench import tiny_datasets as tiny  # test data: not part of the regionssl package
 

@@ -10,7 +10,7 @@ import tomllib
 
 import regionssl
 
-from conftest import ROOT
+from conftest import HANG_TIMEOUT, ROOT
 
 
 def _pyproject():
@@ -38,7 +38,7 @@ def test_setup_py_defers_to_pyproject():
     calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call)]
     assert [(c.func.id, c.args, c.keywords) for c in calls] == [("setup", [], [])]
     r = subprocess.run([sys.executable, "setup.py", "--name", "--version"], cwd=ROOT, capture_output=True,
-                       text=True, timeout=300)
+                       text=True, timeout=HANG_TIMEOUT)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.split()[-2:] == [_pyproject()["project"]["name"], regionssl.__version__]
 
@@ -103,7 +103,7 @@ def test_importing_regionssl_registers_no_test_data():
     code = ("import sys, regionssl\nfrom detectron2.data import DatasetCatalog\n"
             "print(sorted(n for n in DatasetCatalog.list() if n.startswith('regionssl_')))\n"
             "print(sorted(n for n in sys.modules if n.split('.')[0] == 'regionssl_workbench'))\n")
-    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=HANG_TIMEOUT)
     assert r.returncode == 0, r.stderr[-2000:]
     names, workbench_modules = r.stdout.strip().splitlines()[-2:]
     assert "regionssl_tiny" not in names and workbench_modules == "[]"  # the library never imports the workbench

@@ -13,7 +13,7 @@ from detectron2.modeling import build_model
 import regionssl  # noqa: F401
 from regionssl.checkpoint import FormatTag, RegionSSLCheckpointer
 
-from conftest import QS, ROOT, cfg_of
+from conftest import HANG_TIMEOUT, QS, ROOT, cfg_of
 from regionssl_workbench.scripts import load_script
 
 convert = load_script("tools/convert_to_detectron2.py").convert
@@ -134,7 +134,7 @@ def test_converted_pkl_loads_into_stock_detectron2(pre, fine, opts, extra, tmp_p
     _check_handoff(pre_model, det, extra)
 
 
-def _run(args, timeout=600):
+def _run(args, timeout=HANG_TIMEOUT):
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     return subprocess.run([sys.executable, os.path.join(ROOT, "train_net.py")] + args, cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)

@@ -11,7 +11,7 @@ import pytest
 from regionssl import transfer
 
 from regionssl_workbench import tiny_datasets as tiny
-from conftest import ROOT as REPO
+from conftest import HANG_TIMEOUT, ROOT as REPO
 
 FINETUNE = os.path.join(REPO, "configs", "quick_schedules", "finetune_coco_mask_rcnn_R_50_FPN_instant_test.yaml")
 PRETRAIN = os.path.join(REPO, "configs", "quick_schedules", "mocov2_instant_test.yaml")
@@ -136,7 +136,7 @@ def test_jobs_run_side_by_side_with_threads_split(bench, tmp_path, monkeypatch):
     after the other would write (same rows, every seed)."""
     tool, _, _ = bench
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    both_started = threading.Barrier(2, timeout=600)  # broken (an error) if the runs were sequential
+    both_started = threading.Barrier(2, timeout=HANG_TIMEOUT)  # broken (an error) if the runs were sequential
     threads, original = [], tool.run_train_net
 
     def together(*args, **kwargs):

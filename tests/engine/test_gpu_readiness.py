@@ -29,7 +29,7 @@ from regionssl.modeling.shuffle import shuffled_forward
 from regionssl_workbench.host_reads import HostReadCounter
 from regionssl_workbench.scripts import load_script
 
-from conftest import QS, launch_cpu
+from conftest import HANG_TIMEOUT, QS, launch_cpu
 
 R18 = ["MODEL.RESNETS.DEPTH", 18, "MODEL.RESNETS.RES2_OUT_CHANNELS", 64]
 
@@ -61,9 +61,8 @@ def _two_process_worker(out_dir):
 @pytest.fixture(scope="module")
 def two_process_results(tmp_path_factory):
     out = tmp_path_factory.mktemp("two_processes")
-    # timeout: a collective that one rank skips fails within it instead of hanging (generous: a busy
-    # machine may hold one rank back for minutes)
-    launch_cpu(_two_process_worker, (str(out),), timeout=timedelta(seconds=600))
+    # timeout: a collective that one rank skips fails within it instead of hanging
+    launch_cpu(_two_process_worker, (str(out),), timeout=timedelta(seconds=HANG_TIMEOUT))
     return out
 
 

@@ -12,7 +12,7 @@ from detectron2.engine import HookBase
 submitit = pytest.importorskip("submitit")
 import cloudpickle  # noqa: E402  (a submitit dependency)
 
-from conftest import QS, ROOT  # noqa: E402
+from conftest import HANG_TIMEOUT, QS, ROOT  # noqa: E402
 
 from regionssl_workbench.scripts import load_script  # noqa: E402
 
@@ -59,7 +59,7 @@ def preempted_main(args):
 def _submit(out, main, tmp_path, name):
     args = slurm_launch.parse_args([
         "--config-file", os.path.join(QS, "mocov2_instant_test.yaml"), "--nodes", "1", "--gpus-per-node", "1",
-        "--cluster", "local", "--timeout", "30", "--job-dir", str(tmp_path / f"jobs_{name}"),
+        "--cluster", "local", "--timeout", str(HANG_TIMEOUT // 60), "--job-dir", str(tmp_path / f"jobs_{name}"),
         "OUTPUT_DIR", out, "SEED", "0", "SOLVER.IMS_PER_BATCH", "2", "SOLVER.MAX_ITER", "4",
         "SOLVER.CHECKPOINT_PERIOD", "2", "INPUT.REGIONSSL.CROP_SIZE", "64", "MODEL.REGIONSSL.QUEUE.SIZE", "8",
         "MODEL.RESNETS.DEPTH", "18", "MODEL.RESNETS.RES2_OUT_CHANNELS", "64",  # small checkpoints, fast steps

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import QS, ROOT, cfg_of
+from conftest import HANG_TIMEOUT, QS, ROOT, cfg_of
 
 
 def test_tracking_is_off_by_default_and_imports_nothing():
@@ -22,7 +22,7 @@ def test_tracking_is_off_by_default_and_imports_nothing():
         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('wandb', 'mlflow')))\n"
     )
     r = subprocess.run([sys.executable, "-c", code, os.path.join(ROOT, "configs", "insloc_fpn.yaml")], cwd=ROOT,
-                       capture_output=True, text=True, timeout=300, env=dict(os.environ, PYTHONWARNINGS="ignore"))
+                       capture_output=True, text=True, timeout=HANG_TIMEOUT, env=dict(os.environ, PYTHONWARNINGS="ignore"))
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.strip().splitlines()[-1] == "[]"
 

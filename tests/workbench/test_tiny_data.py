@@ -14,7 +14,7 @@ from detectron2.structures import BoxMode
 from regionssl.data.demo_images import demo_image_files, register_demo_images
 
 from regionssl_workbench import tiny_datasets as tiny
-from conftest import ROOT as REPO
+from conftest import HANG_TIMEOUT, ROOT as REPO
 
 
 def _read(path):
@@ -173,7 +173,7 @@ def test_concurrent_ensure(tmp_path):
     root = str(tmp_path / "race" / "regionssl_tiny")
     code = "from regionssl_workbench.tiny_datasets import ensure_tiny_datasets; print(ensure_tiny_datasets(%r))" % root
     procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE) for _ in range(2)]
-    outs = [p.communicate(timeout=600)[0].decode().strip().splitlines()[-1] for p in procs]
+    outs = [p.communicate(timeout=HANG_TIMEOUT)[0].decode().strip().splitlines()[-1] for p in procs]
     assert [p.returncode for p in procs] == [0, 0] and outs == [root, root]
     assert sorted(os.listdir(os.path.dirname(root))) == [".regionssl_tiny.lock", "regionssl_tiny"]
     assert sorted(os.listdir(root)) == ["VERSION", "VOC2007", "coco"]
