@@ -7,7 +7,7 @@ Photographic cut-outs with alpha masks from Debian's ``tuxpaint-stamps-default``
 with apt-get when missing, never copied into the repository) are pasted onto crops of real photos:
 training images on ``regionssl_photos_train`` (the pretraining pool), validation images on
 ``regionssl_photos_detval`` (photos no pretraining split contains). A cut-out file is used by one
-split only. Masks and boxes are exact by construction (regionssl/data/minidet.py). A second run
+split only. Masks and boxes are exact by construction (regionssl_workbench/minidet.py). A second run
 with the same inputs does nothing; ``--force`` rebuilds. Prints the instance counts per class.
 """
 import argparse

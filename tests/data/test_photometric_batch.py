@@ -67,7 +67,7 @@ def test_device_ops_equal_mapper_ops(case):
 @pytest.mark.parametrize("case", list(CHAINS))
 def test_device_op_chains_equal_mapper_chains(case):
     # a rare 1-level tie difference after one op is scaled by the later factors (as between the
-    # mapper and torchvision, tests/test_photometric.py): bounded, and almost every pixel equal
+    # mapper and torchvision, tests/data/test_photometric.py): bounded, and almost every pixel equal
     mapper, device = _both(CHAINS[case])
     assert _chain_close(mapper, device), case
 

@@ -19,10 +19,11 @@ from regionssl.engine import PretrainTrainer
 from regionssl.engine.accumulate import AccumulatingTrainer, build_step_runner
 from regionssl.engine.hooks import ModelStepHook
 from regionssl.engine.setup import auto_scale_workers
+from regionssl_workbench.recipes import recipes
 
 from conftest import QS, ROOT, cfg_of
 
-RECIPE_WORLD_SIZE = {  # GPUs of each official recipe
+RECIPE_WORLD_SIZE = {  # GPUs of the official recipes (a recipe not listed: any, dividing its batch)
     "mocov2": 8, "insloc_fpn": 8, "insloc_c4": 8, "resim_fpn": 8, "resim_c4": 8,  # 8 x 32
     "scrl": 32, "byol": 32, "cvsa": 32,  # SCRL 32 x 256; BYOL 4096 = 32 x 128
     "swav": 4, "swav_region": 4,  # swav_200ep_bs256_pretrain.sh: 4 x 64
@@ -38,7 +39,11 @@ def test_recipes_declare_their_world_size(path):
     name = os.path.splitext(os.path.basename(path))[0]
     if name.startswith("Base-RegionSSL"):
         return  # input contract only, no solver
-    expected = RECIPE_WORLD_SIZE.get(name, 8)  # Detectron2 fine-tuning: 8 GPUs x 2 images
+    if name in recipes():
+        expected = RECIPE_WORLD_SIZE.get(name, cfg.SOLVER.REFERENCE_WORLD_SIZE)
+        assert expected > 0
+    else:
+        expected = RECIPE_WORLD_SIZE.get(name, 8)  # Detectron2 fine-tuning: 8 GPUs x 2 images
     assert cfg.SOLVER.REFERENCE_WORLD_SIZE == expected
     assert expected == 0 or cfg.SOLVER.IMS_PER_BATCH % expected == 0
 
@@ -61,6 +66,9 @@ def test_recipe_on_another_world_size_is_scaled():
     assert swav.MODEL.REGIONSSL.SWAV.FREEZE_PROTOTYPES_ITERS == round(5005 / 2)
     assert swav.MODEL.REGIONSSL.SWAV.QUEUE_START_ITER == round(75075 / 2)
     assert swav.TEST.REGIONSSL.PROBE_PERIOD == 500
+    # the iteration-valued keys are the configured method's own (SwAV.iteration_keys): not another's
+    moco = auto_scale_workers(cfg_of("mocov2.yaml", "SOLVER.REFERENCE_WORLD_SIZE", "4", "SOLVER.IMS_PER_BATCH", "128"), 8)
+    assert moco.SOLVER.MAX_ITER == 1001000 // 2 and moco.MODEL.REGIONSSL.SWAV.FREEZE_PROTOTYPES_ITERS == 5005
     # Detectron2 fine-tuning on 4 GPUs: batch 8, lr 0.01, 2x the iterations and steps
     det = auto_scale_workers(cfg_of("finetune/coco_mask_rcnn_R_50_FPN_1x.yaml"), 4)
     assert (det.SOLVER.IMS_PER_BATCH, det.SOLVER.MAX_ITER, tuple(det.SOLVER.STEPS)) == (8, 180000, (120000, 160000))

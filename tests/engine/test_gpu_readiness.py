@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from detectron2.modeling import build_model
+from detectron2.modeling import META_ARCH_REGISTRY, build_model
 from detectron2.utils import comm
 from detectron2.utils.events import EventStorage
 
@@ -25,8 +25,10 @@ import regionssl  # noqa: F401
 from regionssl.data.build import build_pretrain_train_loader
 from regionssl.engine import adapt_to_machine, get_regionssl_cfg
 from regionssl.engine.trainer import wrap_ddp
+from regionssl.modeling.meta_arch import ContrastiveBase
 from regionssl.modeling.shuffle import shuffled_forward
 from regionssl_workbench.host_reads import HostReadCounter
+from regionssl_workbench.recipes import instant_test, recipes
 from regionssl_workbench.scripts import load_script
 
 from conftest import HANG_TIMEOUT, QS, launch_cpu
@@ -39,13 +41,17 @@ def _bench():
     return load_script("bench/sync_counts.py")
 
 
-# Host reads per training step: (1 process, 2 processes). Every step reads its losses and logged
-# diagnostics once (one stacked copy); a cross-process shuffle-BN adds one read for its plan (the
-# permutation and the box counts together). Nothing depends on the batch size or the boxes.
-BUDGET = {
-    "InsLoc-C4": (1, 2), "InsLoc-FPN": (1, 2), "ReSim-C4": (1, 2), "ReSim-FPN": (1, 2), "MoCo-v2": (1, 2),
-    "SCRL": (1, 1), "SwAV": (1, 1), "SwAV-region": (1, 1), "CVSA": (1, 1), "BYOL": (1, 1),
-}
+def expected_reads(recipe, processes):
+    """Host reads per training step. Every step reads its losses and logged diagnostics once (one
+    stacked copy); a cross-process shuffle-BN (a contrastive model with SHUFFLE_BN) adds one read for
+    its plan (the permutation and the box counts together). Nothing depends on the batch size or the boxes."""
+    cfg = get_regionssl_cfg(instant_test(recipe))
+    arch = META_ARCH_REGISTRY.get(cfg.MODEL.META_ARCHITECTURE)
+    shuffles = issubclass(arch, ContrastiveBase) and cfg.MODEL.REGIONSSL.SHUFFLE_BN
+    return 1 + int(processes > 1 and shuffles)
+
+
+BUDGET = {recipe: (expected_reads(recipe, 1), expected_reads(recipe, 2)) for recipe in recipes()}
 
 
 def _two_process_worker(out_dir):
@@ -113,13 +119,11 @@ def test_sync_budget_two_processes_equal_start_and_find_unused_choice(two_proces
 
 
 def test_find_unused_parameters_only_for_swav_while_freezing():
-    expected = {"swav_instant_test.yaml": True, "swav_region_instant_test.yaml": True}
-    for config in ("insloc_c4", "insloc_fpn", "resim_c4", "resim_fpn", "scrl", "swav", "swav_region", "cvsa",
-                   "mocov2", "byol"):
-        name = f"{config}_instant_test.yaml"
-        cfg = get_regionssl_cfg(os.path.join(QS, name), ["MODEL.DEVICE", "cpu"] + R18)
+    for recipe in recipes():
+        cfg = get_regionssl_cfg(instant_test(recipe), ["MODEL.DEVICE", "cpu"] + R18)
         model = build_model(cfg)
-        assert model.needs_find_unused_parameters() == expected.get(name, False), name
+        expected = cfg.MODEL.META_ARCHITECTURE == "SwAV" and cfg.MODEL.REGIONSSL.SWAV.FREEZE_PROTOTYPES_ITERS > 0
+        assert model.needs_find_unused_parameters() == expected, recipe
     cfg = get_regionssl_cfg(os.path.join(QS, "swav_instant_test.yaml"),
                             ["MODEL.DEVICE", "cpu", "MODEL.REGIONSSL.SWAV.FREEZE_PROTOTYPES_ITERS", 0] + R18)
     assert not build_model(cfg).needs_find_unused_parameters()

@@ -15,7 +15,6 @@ keys, so the negatives of a step are the other batch's images (never stale, neve
 photo). ``initial`` is the mean loss of steps 1 and 2 (one step on each batch; at step 0 a queue
 still holds random vectors), ``final`` the mean of the last two steps.
 """
-import os
 import random
 
 import numpy as np
@@ -29,8 +28,7 @@ from regionssl.data.build import get_pretrain_dataset_dicts
 from regionssl.data.mapper import RegionSSLDatasetMapper
 from regionssl.engine import PretrainTrainer, get_regionssl_cfg
 from regionssl.engine.hooks import CollapseGuard
-
-from conftest import QS as QUICK
+from regionssl_workbench.recipes import instant_test, recipes
 
 pytestmark = pytest.mark.slow  # every method trains on two fixed batches
 
@@ -66,25 +64,28 @@ RESIM_REGION = 0.75
 # fits; a trunk that gets no gradient (only heads learning the fixed targets) moves by weight decay
 # alone, ~1e-5.
 MIN_MOVED = 0.01
-# method -> (instant-test config, extra options, steps, {loss: factor, or None if weighted 0})
-CASES = {
-    "insloc_c4": ("insloc_c4_instant_test.yaml", MOCO + COPY_PASTE + ["SOLVER.BASE_LR", 0.03], 20, {}),
-    "insloc_fpn": ("insloc_fpn_instant_test.yaml", MOCO + COPY_PASTE + INSLOC_FPN, 40, {}),
-    "resim_c4": ("resim_c4_instant_test.yaml", MOCO + ["SOLVER.BASE_LR", 0.03], 30,
-                 {"loss_region_res4": RESIM_REGION}),
-    "resim_c4_region_only": ("resim_c4_instant_test.yaml", MOCO + ["SOLVER.BASE_LR", 0.03] + REGION_ONLY, 20,
+# Every recipe of the roster (regionssl_workbench.recipes) is fitted from its instant-test config:
+# case -> (recipe, extra options, steps, {loss: factor, or None if weighted 0}). A recipe without
+# settings here fits with the defaults (its instant-test config, 20 steps, FACTOR for every loss).
+CASES = {name: (name, [], 20, {}) for name in recipes()}
+CASES.update({
+    "insloc_c4": ("insloc_c4", MOCO + COPY_PASTE + ["SOLVER.BASE_LR", 0.03], 20, {}),
+    "insloc_fpn": ("insloc_fpn", MOCO + COPY_PASTE + INSLOC_FPN, 40, {}),
+    "resim_c4": ("resim_c4", MOCO + ["SOLVER.BASE_LR", 0.03], 30, {"loss_region_res4": RESIM_REGION}),
+    "resim_c4_region_only": ("resim_c4", MOCO + ["SOLVER.BASE_LR", 0.03] + REGION_ONLY, 20,
                              {"loss_instance": None, "loss_region_res4": RESIM_REGION}),
-    "resim_fpn": ("resim_fpn_instant_test.yaml", MOCO + ["SOLVER.BASE_LR", 0.03], 30,
+    "resim_fpn": ("resim_fpn", MOCO + ["SOLVER.BASE_LR", 0.03], 30,
                   {"loss_region_p4": RESIM_REGION, "loss_region_p3": RESIM_REGION}),
-    "resim_fpn_region_only": ("resim_fpn_instant_test.yaml", MOCO + ["SOLVER.BASE_LR", 0.03] + REGION_ONLY, 20,
+    "resim_fpn_region_only": ("resim_fpn", MOCO + ["SOLVER.BASE_LR", 0.03] + REGION_ONLY, 20,
                               {"loss_instance": None, "loss_region_p4": RESIM_REGION, "loss_region_p3": RESIM_REGION}),
-    "scrl": ("scrl_instant_test.yaml", BYOL_LR, 20, {}),
-    "swav": ("swav_instant_test.yaml", SWAV, 20, {}),
-    "swav_region": ("swav_region_instant_test.yaml", SWAV, 20, {}),
-    "cvsa": ("cvsa_instant_test.yaml", BYOL_LR, 20, {}),
-    "mocov2": ("mocov2_instant_test.yaml", MOCO + ["SOLVER.BASE_LR", 0.03], 20, {}),
-    "byol": ("byol_instant_test.yaml", BYOL_LR, 20, {}),
-}
+    "scrl": ("scrl", BYOL_LR, 20, {}),
+    "swav": ("swav", SWAV, 20, {}),
+    "swav_region": ("swav_region", SWAV, 20, {}),
+    "cvsa": ("cvsa", BYOL_LR, 20, {}),
+    "mocov2": ("mocov2", MOCO + ["SOLVER.BASE_LR", 0.03], 20, {}),
+    "byol": ("byol", BYOL_LR, 20, {}),
+})
+assert {recipe for recipe, *_ in CASES.values()} == set(recipes()), "settings for a recipe that does not exist"
 
 
 def _seed(s):
@@ -138,8 +139,8 @@ def fit(cfg, steps, seed=0):
 
 
 def fit_case(method, seed=0):
-    config, opts, steps, _ = CASES[method]
-    cfg = get_regionssl_cfg(os.path.join(QUICK, config), SMALL + opts)
+    recipe, opts, steps, _ = CASES[method]
+    cfg = get_regionssl_cfg(instant_test(recipe), SMALL + opts)
     return fit(cfg, steps, seed)
 
 
