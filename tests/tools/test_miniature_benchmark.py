@@ -8,9 +8,11 @@ import pytest
 import torch
 from detectron2.solver import build_lr_scheduler
 
-import miniature_benchmark as mini  # tools/
 from regionssl import transfer
 from regionssl.engine import get_regionssl_cfg
+from regionssl_workbench.scripts import load_script
+
+mini = load_script("tools/miniature_benchmark.py")
 
 RECIPES = ["insloc_fpn", "mocov2", "resim_fpn", "scrl"]
 

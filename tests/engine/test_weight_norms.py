@@ -15,7 +15,8 @@ from regionssl.engine import PretrainTrainer, get_regionssl_cfg
 from regionssl.engine.hooks import CollapseGuard
 from regionssl.engine.weight_norms import WeightNormMonitor, stage_conv_weights, stage_of
 
-QUICK = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "quick_schedules")
+from conftest import QS as QUICK
+
 R18 = ["MODEL.DEVICE", "cpu", "MODEL.RESNETS.DEPTH", 18, "MODEL.RESNETS.RES2_OUT_CHANNELS", 64,
        "MODEL.REGIONSSL.PROJECTOR.HIDDEN_DIM", 256, "INPUT.REGIONSSL.CROP_SIZE", 64,
        "INPUT.REGIONSSL.COPY_PASTE.FG_SIZE", [24, 60]]
@@ -145,6 +146,7 @@ def _real_run(tmp_path, *opts):
     return trainer
 
 
+@pytest.mark.slow
 def test_real_run_made_to_grow_warns_and_a_gentle_one_does_not(tmp_path, caplog):
     """The same 6 steps of MoCo-v2 (R18) at lr 1e-4 and at lr 3: the hot run's early stages grow past
     4x their initial norm and the guard names them; the gentle run stays within 1 % and is silent."""
