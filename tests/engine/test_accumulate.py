@@ -28,6 +28,7 @@ RECIPE_WORLD_SIZE = {  # GPUs of the official recipes (a recipe not listed: any,
     "scrl": 32, "byol": 32, "cvsa": 32,  # SCRL 32 x 256; BYOL 4096 = 32 x 128
     "swav": 4, "swav_region": 4,  # swav_200ep_bs256_pretrain.sh: 4 x 64
     "minidet_mask_rcnn_R_50_FPN_mini": 0,  # the CPU miniature protocol: batch 4 for any process count
+    "minidet_mask_rcnn_R_50_FPN_mini_frozen": 0,  # the same, with the trunk frozen
 }
 
 
