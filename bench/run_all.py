@@ -8,7 +8,7 @@
 Each benchmark runs as its own process (it pins CPUs and thread counts for itself), one after
 the other, never in parallel: the ratios they report are only meaningful on an otherwise quiet
 core. Short settings give rough ratios for a smoke check; quote numbers only from ``--full`` runs
-(see ``bench/RESULTS.md`` and ``bench/STEP_RESULTS.md`` for what they mean).
+(see ``docs/results/performance/mapper_throughput.md`` and ``docs/results/performance/step_cost.md`` for what they mean).
 """
 import argparse
 import os
