@@ -111,3 +111,35 @@ def test_report_from_finished_results(tmp_path):
     assert results["full"]["mocov2"]["box AP"]["values"] == [5.0, 6.0, 7.0]
     assert [p["steps"] for p in results["scaling"]["mocov2"]] == [0, 250, 500, 2000]
     assert results["frozen"] == {}  # not run: nothing is made up
+
+
+def test_frozen_protocol_keeps_the_pretrained_trunk_and_trains_the_rest(tmp_path):
+    """The frozen-trunk protocol: a MoCo-v2 (ResNet backbone) checkpoint lands in the FPN detector's trunk,
+    its BN statistics become FrozenBatchNorm buffers, no trunk parameter trains; FPN and heads do."""
+    from detectron2.layers import FrozenBatchNorm2d
+    from detectron2.modeling import build_model
+
+    from regionssl.checkpoint import FormatTag, RegionSSLCheckpointer
+
+    root = os.path.dirname(mini.RECIPES_DIR)
+    torch.manual_seed(0)
+    pretrain = build_model(get_regionssl_cfg(os.path.join(mini.RECIPES_DIR, "mocov2.yaml"), ["MODEL.DEVICE", "cpu"]))
+    state = pretrain.state_dict()
+    state["backbone.res2.0.conv1.norm.running_mean"] = torch.arange(64, dtype=torch.float32)
+    state["backbone.stem.conv1.weight"] = torch.full_like(state["backbone.stem.conv1.weight"], 0.5)
+    path = tmp_path / "model_final.pth"
+    torch.save({"model": state, "regionssl": FormatTag("MoCoV2").state_dict()}, path)
+
+    cfg = get_regionssl_cfg(os.path.join(root, "finetune", "minidet_mask_rcnn_R_50_FPN_mini_frozen.yaml"),
+                            ["MODEL.DEVICE", "cpu"])
+    detector = build_model(cfg)
+    RegionSSLCheckpointer(detector).load(str(path))
+    trunk = detector.backbone.bottom_up
+    assert isinstance(trunk.res2[0].conv1.norm, FrozenBatchNorm2d)
+    assert torch.equal(trunk.res2[0].conv1.norm.running_mean, torch.arange(64, dtype=torch.float32))
+    assert torch.equal(trunk.stem.conv1.weight, torch.full_like(trunk.stem.conv1.weight, 0.5))
+    assert not any(p.requires_grad for p in trunk.parameters())
+    trainable = {n.split(".")[0] for n, p in detector.named_parameters() if p.requires_grad}
+    assert trainable == {"backbone", "proposal_generator", "roi_heads"}
+    assert all(n.startswith("backbone.fpn_") for n, p in detector.named_parameters()
+               if p.requires_grad and n.startswith("backbone."))
