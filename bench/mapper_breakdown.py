@@ -1,6 +1,6 @@
 """Where one sample's time goes: the stages of a mapper pipeline, timed on one core.
 
-Profile first, then optimise (issue #18): this wraps the data path's stage functions with timers
+Profile first, then optimise: this wraps the data path's stage functions with timers
 (exclusive time: a stage nested in another is not counted twice) and runs one pipeline of
 ``mapper_throughput.py`` over the same JPEG photos, then its same-style reference with the
 reference's decodes timed apart. It prints milliseconds per sample by stage, and what the JPEG

@@ -9,7 +9,7 @@ prototypes are frozen in the first step only, and its queue is used (full) in th
 
     python bench/sync_counts.py                  # prints the table, 1 and 2 processes
     python bench/sync_counts.py --where          # also where each read happens
-    python bench/sync_counts.py --out bench/SYNC_COUNTS.md --label after
+    python bench/sync_counts.py --out output/bench/sync_counts.md --label after
 
 ``tests/engine/test_gpu_readiness.py`` imports this file and asserts the budget.
 """

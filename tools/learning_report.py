@@ -3,7 +3,7 @@
 
     python tools/learning_report.py --output output/learning                 # every recipe, in order
     python tools/learning_report.py --output output/learning --only insloc_c4 mocov2
-    python tools/learning_report.py --output output/learning --report docs/learning   # table + curves
+    python tools/learning_report.py --output output/learning --report docs/results/learning   # table + curves
 
 For each recipe (``configs/quick_schedules/<name>_probe_demo.yaml``) it runs ``train_net.py`` in
 ``<output>/<name>`` (skipped when ``model_final.pth`` exists, resumed when a checkpoint exists), then

@@ -34,7 +34,7 @@ from PIL import Image
 from .augmentations import CV2_BILINEAR
 from .jpeg_header import read_jpeg_header
 
-try:  # libjpeg-turbo without OpenCV's wrapper: the same pixels, 15-20% faster (bench/RESULTS.md)
+try:  # libjpeg-turbo without OpenCV's wrapper: the same pixels, 15-20% faster (docs/performance.md)
     import simplejpeg
 except ImportError:  # pragma: no cover - a requirement; OpenCV decodes the same pixels without it
     simplejpeg = None

@@ -63,7 +63,7 @@ def check_weights_path(path):
     if not os.path.isfile(path):
         raise FileNotFoundError(
             f"MODEL.WEIGHTS={path!r} does not exist. Give a pretraining checkpoint (e.g. "
-            "output/insloc_fpn/model_final.pth) or a converted .pkl; see README 'Fine-tuning'."
+            "output/insloc_fpn/model_final.pth) or a converted .pkl; see README 'Usage'."
         )
 
 

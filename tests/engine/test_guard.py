@@ -107,7 +107,7 @@ def test_embedding_rank_exact_values():
 
 
 def test_output_batchnorm_collapse_is_seen_by_rank_not_std():
-    """Every input's embedding is +-v (session 5's MoCo v3 output BN): after the BN each dimension
+    """Every input's embedding is +-v (a MoCo v3 output BN at batch 8, docs/learning.md): after the BN each dimension
     has unit std over the batch, so emb_std looks like uniformly spread vectors; emb_rank is ~1."""
     from regionssl.modeling.meta_arch.base import RegionSSLBase as Base
 
