@@ -72,9 +72,10 @@ def test_silent_below_the_threshold_before_the_second_window_and_when_off(caplog
                lambda it: (0.9, 1.0), 19, start_iter=500)  # a resumed run: 500-518 is still start-up
     assert _warnings(caplog) == []
     cfg = get_regionssl_cfg(os.path.join(QUICK, "mocov2_instant_test.yaml"))
-    assert any(isinstance(h, LoaderWaitWarning) for h in build_pretrain_hooks(cfg, None))
+    trainer = SimpleNamespace(model=torch.nn.Linear(1, 1))  # the weight-norm monitor reads the model's convs
+    assert any(isinstance(h, LoaderWaitWarning) for h in build_pretrain_hooks(cfg, trainer))
     cfg.TEST.REGIONSSL.LOADER_WAIT.MAX_FRACTION = 0.0
-    assert not any(isinstance(h, LoaderWaitWarning) for h in build_pretrain_hooks(cfg, None))
+    assert not any(isinstance(h, LoaderWaitWarning) for h in build_pretrain_hooks(cfg, trainer))
 
 
 def test_hint_for_the_device_only_on_cuda_models_without_it():
