@@ -52,7 +52,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output", default="output/miniature")
     p.add_argument("--recipes", nargs="+", default=None, help="default: every configs/miniature/*.yaml")
-    p.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES))
+    p.add_argument("--stages", nargs="*", choices=STAGES, default=list(STAGES),
+                   help="stages to run (default: all); none (--stages with no value) with --report: tabulate only")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="fine-tuning seeds")
     p.add_argument("--scaling-recipes", nargs="+", default=["mocov2", "insloc_fpn"])
     p.add_argument("--budgets", nargs="+", type=int, default=[250, 500, 1000],
