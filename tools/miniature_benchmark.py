@@ -154,17 +154,25 @@ def scaling_models(args):
 
 
 # ----------------------------------------------------------------------------- report
-def _models(path):
-    if not os.path.isfile(path):
-        return []
-    with open(path) as f:
-        return json.load(f)["models"]
+def finished_models(folder):
+    """Every finished fine-tune under ``folder/finetune/<model>/seed<S>/`` (its transfer_metrics.json), as
+    transfer.json's ``models`` entries (name, runs, summary); read from the run directories, so runs of
+    several tools/transfer.py calls on one folder all count."""
+    models = {}
+    for path in sorted(glob.glob(os.path.join(folder, "finetune", "*", "seed*", transfer.METRICS_FILE))):
+        run_dir = os.path.dirname(path)
+        with open(path) as f:
+            entry = json.load(f)
+        name, seed = os.path.basename(os.path.dirname(run_dir)), os.path.basename(run_dir)[len("seed"):]
+        models.setdefault(name, {})[seed] = entry
+    return [{"name": n, "runs": runs, "summary": transfer.summarize({s: e["results"] for s, e in runs.items()})}
+            for n, runs in models.items()]
 
 
 def write_report(args):
     os.makedirs(args.report, exist_ok=True)
-    full = _models(os.path.join(args.output, "full", "transfer.json"))
-    frozen = _models(os.path.join(args.output, "frozen", "transfer.json"))
+    full = finished_models(os.path.join(args.output, "full"))
+    frozen = finished_models(os.path.join(args.output, "frozen"))
     table_names = ["random"] + list(args.recipes)
     results = {"full": {}, "frozen": {}, "probe": {}, "scaling": {}}
     for key, models in (("full", full), ("frozen", frozen)):

@@ -94,8 +94,11 @@ def test_report_from_finished_results(tmp_path):
     out, report = tmp_path / "out", tmp_path / "report"
     args = mini.parse_args(["--output", str(out), "--report", str(report), "--recipes", "mocov2",
                             "--scaling-recipes", "mocov2", "--budgets", "250", "500"])
-    (out / "full").mkdir(parents=True)
-    (out / "full" / "transfer.json").write_text(json.dumps({"models": MODELS}))
+    for model in MODELS:  # finished runs as tools/transfer.py leaves them, whichever call made them
+        for seed, box in enumerate(model["summary"]["box AP"]["values"]):
+            run = out / "full" / "finetune" / model["name"] / f"seed{seed}"
+            run.mkdir(parents=True)
+            (run / transfer.METRICS_FILE).write_text(json.dumps({"results": {"bbox": {"AP": box}, "segm": {"AP": box / 2}}}))
     probe_dir = out / "pretrain" / "mocov2"
     probe_dir.mkdir(parents=True)
     top1 = {"checkpoint": [0.3, 0.2, 0.25], "random init": [0.1, 0.15, 0.2]}
