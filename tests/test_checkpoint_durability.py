@@ -13,7 +13,7 @@ import textwrap
 import pytest
 import torch
 
-from conftest import QS, ROOT
+from conftest import QS, ROOT, SMALL_PRETRAIN
 
 import transfer as transfer_tool  # noqa: E402  (tools/)
 
@@ -22,9 +22,7 @@ from regionssl.utils import atomic_file
 from regionssl.utils.atomic_file import atomic_write
 from regionssl.utils.safe_load import CheckpointReadError
 
-TINY = ["SOLVER.IMS_PER_BATCH", "2", "INPUT.REGIONSSL.CROP_SIZE", "64", "MODEL.REGIONSSL.QUEUE.SIZE", "8",
-        "MODEL.RESNETS.DEPTH", "18", "MODEL.RESNETS.RES2_OUT_CHANNELS", "64", "MODEL.DEVICE", "cpu", "SEED", "0",
-        "SOLVER.MAX_ITER", "4", "SOLVER.CHECKPOINT_PERIOD", "2"]
+TINY = SMALL_PRETRAIN + ["SEED", "0", "SOLVER.MAX_ITER", "4", "SOLVER.CHECKPOINT_PERIOD", "2"]
 
 
 def _disk_full_open(limit, code):

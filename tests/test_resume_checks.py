@@ -6,16 +6,14 @@ import pytest
 import torch
 from detectron2.engine import HookBase
 
-from conftest import qs_cfg
+from conftest import SMALL_PRETRAIN, qs_cfg
 
 from regionssl.checkpoint import read_checkpoint
 from regionssl.engine.resume_checks import ResumeConfigError
 from regionssl.engine.trainer import PretrainTrainer
 from regionssl.engine.weights_guard import WeightsDiverged, check_weights
 
-TINY = ["SOLVER.IMS_PER_BATCH", "2", "INPUT.REGIONSSL.CROP_SIZE", "64", "MODEL.REGIONSSL.QUEUE.SIZE", "8",
-        "MODEL.RESNETS.DEPTH", "18", "MODEL.RESNETS.RES2_OUT_CHANNELS", "64", "SEED", "0",
-        "SOLVER.MAX_ITER", "4", "SOLVER.CHECKPOINT_PERIOD", "2"]
+TINY = SMALL_PRETRAIN + ["SEED", "0", "SOLVER.MAX_ITER", "4", "SOLVER.CHECKPOINT_PERIOD", "2"]
 
 
 def _trainer(out, *opts, extra_hook=None):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import QS
+from conftest import QS, SMALL_PRETRAIN
 
 import convert_to_detectron2  # noqa: E402  (tools/)
 import import_checkpoint as import_tool  # noqa: E402
@@ -54,13 +54,11 @@ def payload_config(folder, marker):
     return path
 
 
-TINY = ["SOLVER.IMS_PER_BATCH", "2", "INPUT.REGIONSSL.CROP_SIZE", "64", "MODEL.REGIONSSL.QUEUE.SIZE", "8",
-        "MODEL.RESNETS.DEPTH", "18", "MODEL.RESNETS.RES2_OUT_CHANNELS", "64", "MODEL.DEVICE", "cpu"]
 
 
 def train_args(config, out, *opts, resume=False, eval_only=False):
     return argparse.Namespace(config_file=config, resume=resume, eval_only=eval_only, num_gpus=1, num_machines=1,
-                              machine_rank=0, dist_url="auto", opts=["OUTPUT_DIR", str(out), *TINY, *opts])
+                              machine_rank=0, dist_url="auto", opts=["OUTPUT_DIR", str(out), *SMALL_PRETRAIN, *opts])
 
 
 # ----------------------------------------------------------------------------- the readers
@@ -120,7 +118,7 @@ def test_probe_refuses_payload_weights(tmp_path):
     weights = payload_file(tmp_path, "w.pkl", marker)
     with pytest.raises(CheckpointReadError, match=f"Cannot read {weights}: it names "):
         probe_tool.main(["--config-file", os.path.join(QS, "mocov2_instant_test.yaml"), "--weights", weights,
-                         *TINY])
+                         *SMALL_PRETRAIN])
     assert not marker.exists()
 
 
