@@ -28,14 +28,18 @@ byol           torchvision-layout BYOL conversions  plain torchvision ResNet key
 """
 import os
 import re
+import zipfile
 from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
 
-from .checkpoint import FORMAT_TAG
+from .checkpoint import FORMAT_TAG, TORCHVISION_INPUT, to_trunk_relative
+from .utils.atomic_file import atomic_write
+from .utils.safe_load import load_pickle_file, load_torch_file
 
-__all__ = ["LAYOUTS", "Layout", "torchvision_to_trunk", "convert_state_dict", "import_checkpoint", "UnplacedKeysError"]
+__all__ = ["LAYOUTS", "Layout", "torchvision_to_trunk", "convert_state_dict", "import_checkpoint", "UnplacedKeysError",
+           "TrunkMismatchError", "target_trunk_shapes", "trunk_mismatches"]
 
 _BLOCK = re.compile(r"^layer([1-4])\.(\d+)\.(conv[1-3]|bn[1-3]|downsample\.[01])\.(\w+)$")
 _STAGES = ("stem", "res2", "res3", "res4", "res5")
@@ -228,6 +232,41 @@ class UnplacedKeysError(ValueError):
     """A checkpoint has keys no rule of the layout places."""
 
 
+class TrunkMismatchError(ValueError):
+    """The imported ResNet does not have the shapes of the detector's (a wider or deeper ResNet)."""
+
+
+def target_trunk_shapes(cfg=None):
+    """{``stem.*``/``resN.*`` name: shape} of the ResNet ``cfg`` builds (default: regionssl's
+    ResNet-50, configs/Base-RegionSSL.yaml's MODEL.RESNETS)."""
+    from detectron2.layers import ShapeSpec
+    from detectron2.modeling.backbone.resnet import build_resnet_backbone
+
+    if cfg is None:
+        from .engine.setup import get_regionssl_cfg
+
+        cfg = get_regionssl_cfg(os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs",
+                                             "Base-RegionSSL.yaml"))
+    cfg = cfg.clone()
+    cfg.defrost()
+    cfg.MODEL.RESNETS.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
+    cfg.MODEL.RESNETS.NORM = "BN"
+    cfg.MODEL.BACKBONE.FREEZE_AT = 0
+    trunk = build_resnet_backbone(cfg, ShapeSpec(channels=3))
+    return {k: tuple(v.shape) for k, v in trunk.state_dict().items()}
+
+
+def trunk_mismatches(converted, target_shapes):
+    """Trunk keys of ``converted`` whose shape differs from the target's, that the target lacks, and
+    target keys ``converted`` lacks: (list of 'key: shape vs shape', extra keys, missing keys)."""
+    trunk = {to_trunk_relative(k): v for k, v in converted.items() if to_trunk_relative(k) is not None}
+    wrong = [f"{k} {tuple(v.shape)} vs {target_shapes[k]}" for k, v in trunk.items()
+             if k in target_shapes and tuple(v.shape) != target_shapes[k]]
+    extra = [k for k in trunk if k not in target_shapes]
+    missing = [k for k in target_shapes if k not in trunk and not k.endswith("num_batches_tracked")]
+    return wrong, extra, missing
+
+
 def _state_dict_of(ckpt, layout, src):
     """The state dict inside an official checkpoint ({name: tensor})."""
     if not isinstance(ckpt, dict):
@@ -287,26 +326,50 @@ def detect_layout(ckpt, src="checkpoint"):
         if not unplaced and not _missing_stages(converted):
             return name
         if converted and (best is None or len(unplaced) < len(best[1])):
-            best = (name, unplaced)
+            best = (name, unplaced, _missing_stages(converted))
     if best is None:
         raise UnplacedKeysError(f"{src}: no known layout ({', '.join(LAYOUTS)}) recognises any key of this checkpoint")
+    if not best[1]:
+        raise UnplacedKeysError(f"{src}: layout {best[0]!r} places every key but finds no ResNet "
+                                f"{', '.join(best[2])} keys (incomplete trunk)")
     raise UnplacedKeysError(
         f"{src}: no known layout places every key; the closest, {best[0]!r}, could not place "
         f"{len(best[1])} keys: {_format_keys(best[1])}"
     )
 
 
-def import_checkpoint(src, dst, layout="auto"):
+def _refuse_detectron2_pkl(src):
+    """A Detectron2 ``.pkl`` needs no import; say so instead of torch's 'Invalid magic number'."""
+    if zipfile.is_zipfile(src):
+        return
+    try:
+        data = load_pickle_file(src)
+    except Exception:  # noqa: BLE001 - not a plain pickle: torch's legacy format, read below
+        return
+    if isinstance(data, dict) and ("__author__" in data or "matching_heuristics" in data or "blobs" in data):
+        raise ValueError(f"{src} is a Detectron2 .pkl (weights already in Detectron2's names): it needs no import; "
+                         "give it as MODEL.WEIGHTS directly. The importer reads official pretraining checkpoints.")
+
+
+def import_checkpoint(src, dst, layout="auto", target_cfg=None):
     """Convert the official checkpoint ``src`` to a regionssl checkpoint ``dst`` (.pth).
 
+    The ResNet is checked against the detector's (``target_cfg``'s MODEL.RESNETS, default ResNet-50)
+    before anything is written; the checkpoint records the input format the official models were
+    trained on (:data:`~regionssl.checkpoint.TORCHVISION_INPUT`).
+
     Returns:
-        dict with ``layout``, ``converted`` ({our name: tensor}) and ``dropped`` (Counter).
+        dict with ``layout``, ``converted`` ({our name: tensor}), ``dropped`` (Counter) and
+        ``input_format``.
     Raises:
-        UnplacedKeysError listing every key the layout could not place.
+        UnplacedKeysError listing every key the layout could not place; TrunkMismatchError if the
+        trunk's shapes are not the target's; CheckpointReadError for an unsafe, empty or truncated
+        file; ValueError for a Detectron2 .pkl.
     """
     if not os.path.isfile(src):
         raise FileNotFoundError(f"Checkpoint {src!r} does not exist")
-    ckpt = torch.load(src, map_location="cpu", weights_only=False)
+    _refuse_detectron2_pkl(src)
+    ckpt = load_torch_file(src)  # CheckpointReadError naming src if it holds more than weights
     name = detect_layout(ckpt, src) if layout == "auto" else layout
     if name not in LAYOUTS:
         raise ValueError(f"Unknown layout {name!r}; known: {', '.join(LAYOUTS)}")
@@ -318,6 +381,21 @@ def import_checkpoint(src, dst, layout="auto"):
     missing = _missing_stages(converted)
     if missing:
         raise UnplacedKeysError(f"{src}: layout {name!r} found no ResNet {', '.join(missing)} keys (incomplete trunk)")
-    tag = {"format": FORMAT_TAG, "meta_architecture": f"imported:{name}", "source": os.path.basename(src)}
-    torch.save({"model": converted, "regionssl": tag}, dst)
-    return {"layout": name, "converted": converted, "dropped": dropped}
+    wrong, extra, absent = trunk_mismatches(converted, target_trunk_shapes(target_cfg))
+    if wrong or extra or absent:
+        r = (target_cfg.MODEL.RESNETS if target_cfg is not None else None)
+        target = (f"ResNet-{r.DEPTH} (WIDTH_PER_GROUP {r.WIDTH_PER_GROUP}, NUM_GROUPS {r.NUM_GROUPS})" if r is not None
+                  else "ResNet-50 of configs/Base-RegionSSL.yaml")
+        parts = [f"{len(wrong)} with other shapes ({_format_keys(wrong, 3)})" if wrong else "",
+                 f"{len(extra)} the target lacks ({_format_keys(extra, 3)})" if extra else "",
+                 f"{len(absent)} of the target missing ({_format_keys(absent, 3)})" if absent else ""]
+        raise TrunkMismatchError(
+            f"{src}: layout {name!r} gives a ResNet that does not fit the target {target}: "
+            + "; ".join(p for p in parts if p) + ". A wider or deeper ResNet would load only in part; give the "
+            "detector config it is for (--config-file) with matching MODEL.RESNETS keys.")
+    fmt = dict(TORCHVISION_INPUT)
+    tag = {"format": FORMAT_TAG, "meta_architecture": f"imported:{name}", "source": os.path.basename(src),
+           "input_format": fmt}
+    with atomic_write(dst, "wb") as f:
+        torch.save({"model": converted, "regionssl": tag}, f)
+    return {"layout": name, "converted": converted, "dropped": dropped, "input_format": fmt}

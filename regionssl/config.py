@@ -351,6 +351,15 @@ def _add_test_keys(cfg):
     # A condition that persists is warned about again only after this many iterations.
     t.GUARD.REPEAT_PERIOD = 1000
 
+    t.WEIGHTS_GUARD = CN()
+    # Before every checkpoint, stop the run instead of saving weights that are not finite (NaN/Inf in
+    # any parameter or buffer) or exploded (regionssl/engine/weights_guard.py).
+    t.WEIGHTS_GUARD.ENABLED = True
+    # Exploded: the norm of all parameters together above this multiple of its value when the run
+    # (or its resumption) started; 0 = check finiteness only. (A divergence stop, unlike
+    # GUARD.MAX_WEIGHT_NORM_GROWTH, which warns about one stage growing beyond fine-tunability.)
+    t.WEIGHTS_GUARD.MAX_NORM_GROWTH = 100.0
+
     t.LOADER_WAIT = CN()
     # Warn when the model waits for data: Detectron2's data_time (the slowest process's wait in
     # next(data_loader)) above this fraction of the iteration time, summed over a window (0.0 = off).

@@ -9,12 +9,21 @@ The written ``.pth`` is a regionssl checkpoint: give it as ``MODEL.WEIGHTS`` to 
 config (the ResNet trunk is renamed to the detector's C4 or FPN layout when loaded; FPN and box
 head land where the official converters put them). Layouts: ``mocov2``, ``resim``, ``insloc``,
 ``insloc_c4``, ``scrl``, ``swav``, ``byol`` (torchvision ResNet keys), or ``auto`` (default: the
-first layout that places every key). A key no rule places stops the import and is listed.
+first layout that places every key). A key no rule places stops the import and is listed; so does
+a ResNet whose shapes are not the detector's (``--config-file``: the fine-tuning config the weights
+are for; default regionssl's ResNet-50).
+
+Every official model was trained on torchvision's input: RGB, ImageNet mean/std, the stride in the
+3x3 conv. The written files record it and the tool prints the config lines that match; the
+regionssl checkpointer warns when the weights are loaded under a config that disagrees.
 """
 import argparse
 import os
+import sys
 
-from regionssl.checkpoint_import import LAYOUTS, import_checkpoint
+from regionssl.checkpoint import input_format_lines
+from regionssl.checkpoint_import import LAYOUTS, TrunkMismatchError, UnplacedKeysError, import_checkpoint
+from regionssl.utils.safe_load import CheckpointReadError
 
 
 def _groups(keys):
@@ -32,15 +41,27 @@ def main(argv=None):
     parser.add_argument("output", help="regionssl checkpoint to write (.pth), a valid MODEL.WEIGHTS")
     parser.add_argument("--layout", default="auto", choices=["auto"] + list(LAYOUTS))
     parser.add_argument("--pkl", default="", help="also write a Detectron2 .pkl (tools/convert_to_detectron2.py)")
+    parser.add_argument("--config-file", default="",
+                        help="the detector config the weights are for (its MODEL.RESNETS: depth, width); "
+                             "default: regionssl's ResNet-50")
     args = parser.parse_args(argv)
 
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    result = import_checkpoint(args.input, args.output, args.layout)
+    target = None
+    if args.config_file:
+        from regionssl.engine import get_regionssl_cfg
+
+        target = get_regionssl_cfg(args.config_file)
+    try:
+        result = import_checkpoint(args.input, args.output, args.layout, target_cfg=target)
+    except (CheckpointReadError, TrunkMismatchError, UnplacedKeysError, ValueError) as e:
+        sys.exit(f"import_checkpoint: {e}")
     layout = LAYOUTS[result["layout"]]
     dropped = ", ".join(f"{what}: {n}" for what, n in sorted(result["dropped"].items())) or "none"
     print(f"{args.input}: layout {layout.name} ({layout.source})\n"
           f"  imported {len(result['converted'])} tensors ({_groups(result['converted'])})\n"
-          f"  not transferred: {dropped}\n  -> {args.output}")
+          f"  not transferred: {dropped}\n  -> {args.output}\n"
+          f"  trained on torchvision's input; a fine-tuning config needs: {' '.join(input_format_lines(result['input_format']))}")
     if args.pkl:
         from regionssl_workbench.scripts import load_script
 

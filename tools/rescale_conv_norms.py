@@ -24,6 +24,10 @@ import sys
 
 import torch
 
+from regionssl.checkpoint import read_checkpoint
+from regionssl.utils.atomic_file import atomic_write
+from regionssl.utils.safe_load import CheckpointReadError
+
 
 def rescale_conv_norms(state_dict):
     """Rescale, in place, every 4-D ``*.weight`` whose ``*.norm.running_var`` exists.
@@ -56,12 +60,16 @@ def main(argv=None):
         sys.exit(f"rescale_conv_norms: {args.input} does not exist")
     if os.path.abspath(args.input) == os.path.abspath(args.output):
         sys.exit("rescale_conv_norms: the output must be a new file (the input is kept)")
-    ckpt = torch.load(args.input, map_location="cpu", weights_only=False)
+    try:
+        ckpt = read_checkpoint(args.input)  # weights only: a file that holds more is refused, named
+    except CheckpointReadError as e:
+        sys.exit(f"rescale_conv_norms: {e}")
     state_dict = ckpt["model"] if isinstance(ckpt, dict) and "model" in ckpt else ckpt
     factors = rescale_conv_norms(state_dict)
     if not factors:
         sys.exit(f"rescale_conv_norms: {args.input} has no convolution followed by a BatchNorm")
-    torch.save(ckpt, args.output)
+    with atomic_write(args.output, "wb") as f:
+        torch.save(ckpt, f)
     shrunk = sorted(factors.items(), key=lambda kv: kv[1])[:5]
     print(f"{len(factors)} convolutions rescaled; strongest (weight divided by): "
           + ", ".join(f"{k} {1 / s:.1f}x" for k, s in shrunk))

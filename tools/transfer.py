@@ -6,8 +6,10 @@
         --models random mocov2=configs/mocov2.yaml insloc=output/insloc_fpn/model_final.pth
 
 A model is ``random`` (random initialisation), a pretraining checkpoint, or a pretraining config,
-optionally named ``NAME=...``. Missing pretrainings run first (``OUTPUT/pretrain/NAME``; reused once
-its ``model_final.pth`` exists). Every (model, seed) fine-tunes with ``train_net.py`` in
+optionally named ``NAME=...``. Every checkpoint is read (safely) before anything runs. Missing
+pretrainings run first (``OUTPUT/pretrain/NAME``; reused once its ``model_final.pth`` reads back
+whole; an unreadable one is moved aside to ``model_final.pth.unreadable`` and the pretraining
+resumes, which writes it again). Every (model, seed) fine-tunes with ``train_net.py`` in
 ``OUTPUT/finetune/NAME/seedS`` (``SEED S``) and is evaluated by the protocol's evaluator (COCO for
 Mask R-CNN). Finished runs are reused and interrupted ones resume, so re-running the same command
 continues an interrupted benchmark; a run directory made from another config or other weights stops
@@ -37,6 +39,8 @@ from regionssl.transfer import (
     METRICS_FILE, RUN_FILE, TransferError, check_run_identity, config_identity, file_sha1, markdown_table,
     parse_model_spec, plot_summary, read_eval_metrics, read_timings, summarize,
 )
+from regionssl.checkpoint import read_weights_file  # noqa: E402
+from regionssl.utils.safe_load import CheckpointReadError  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -161,6 +165,11 @@ def plan(args):
             pcfg = pretrain_cfg(spec, args, pdir)
             check_run_identity(pdir, config_identity(pcfg.dump()))
         weights = _weights_path(spec, args)
+        if spec.kind == "checkpoint":
+            try:
+                read_weights_file(weights)
+            except CheckpointReadError as e:
+                raise TransferError(f"model {spec.name!r}: {e}") from None
         # the weights' checksum is known now unless a pretraining is still to run
         known = not weights or os.path.isfile(weights)
         sha = file_sha1(weights) if weights and known else None
@@ -170,6 +179,21 @@ def plan(args):
                                check_weights=known)
         out.append((spec, pcfg))
     return out
+
+
+def pretraining_finished(pdir):
+    """True if ``pdir/model_final.pth`` reads back whole. An unreadable one is moved aside (kept, as
+    ``model_final.pth.unreadable``) so that ``train_net --resume`` writes it again."""
+    path = os.path.join(pdir, "model_final.pth")
+    if not os.path.isfile(path):
+        return False
+    try:
+        read_weights_file(path)
+        return True
+    except CheckpointReadError as e:
+        os.replace(path, path + ".unreadable")
+        _say(f"{e}; moved to {path}.unreadable, the pretraining resumes to write it again")
+        return False
 
 
 def _weights_path(spec, args):
@@ -197,13 +221,14 @@ def run(args):
     for spec, pcfg in planned:
         if pcfg is not None and not args.report_only:
             pdir = pcfg.OUTPUT_DIR
-            if os.path.isfile(os.path.join(pdir, "model_final.pth")):
+            if pretraining_finished(pdir):
                 _say(f"{spec.name}: pretraining found in {pdir}")
             else:
                 _say(f"{spec.name}: pretraining {spec.path} -> {pdir}")
                 seconds, _ = run_train_net(pcfg, config_identity(pcfg.dump()), pdir, args.num_gpus, args.train_net)
-                if not os.path.isfile(os.path.join(pdir, "model_final.pth")):
-                    raise TransferError(f"Pretraining in {pdir!r} ended without model_final.pth; see its transfer.log.")
+                if not pretraining_finished(pdir):
+                    raise TransferError(f"Pretraining in {pdir!r} ended without a readable model_final.pth; "
+                                        "see its transfer.log.")
                 done["pretrained"].append(spec.name)
                 _say(f"{spec.name}: pretrained in {seconds / 60:.1f} min")
     # every (model, seed): its config and identity; the ones without results are fine-tuned below

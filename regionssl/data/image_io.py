@@ -3,7 +3,9 @@
 One sample's pixels come from here and nowhere else (docs/design.md, "Mapper"):
 
 1. :func:`open_image_or_none` reads a file's bytes and header: an :class:`ImageFile` with the
-   size after EXIF orientation, or None with a warning naming the file (not an image, too small);
+   size after EXIF orientation, or None with a warning naming the file (not a regular file, e.g. a
+   named pipe or a device; not an image; too small; more pixels than :data:`MAX_IMAGE_PIXELS`, the
+   one budget every decoder below obeys);
 2. :meth:`ImageFile.decode` decodes at ``1 / r`` scale (JPEG DCT scaling, r in 1, 2, 4, 8), honouring
    EXIF orientation and converting any mode to RGB: a :class:`DecodedImage`, or
    :class:`UnreadableImageError` (corrupt or truncated data). Pixels wanted as an array (OpenCV or
@@ -21,6 +23,7 @@ import io
 import logging
 import os
 import random
+import stat
 import warnings
 
 import cv2
@@ -41,6 +44,9 @@ except ImportError:  # pragma: no cover - a requirement; OpenCV decodes the same
 
 __all__ = [
     "MIN_IMAGE_SIDE",
+    "MAX_IMAGE_PIXELS",
+    "NotARegularFile",
+    "file_kind",
     "ImageFile",
     "DecodedImage",
     "UnreadableImageError",
@@ -59,6 +65,10 @@ logger = logging.getLogger(__name__)
 
 # Images with a side shorter than this are skipped: no crop of them carries information.
 MIN_IMAGE_SIDE = 8
+# Images with more pixels are skipped, whichever decoder would read them (PIL refuses them with its
+# DecompressionBombError; libjpeg through simplejpeg/OpenCV has no such limit): 2 x PIL's
+# MAX_IMAGE_PIXELS, about 179 million (e.g. 13400 x 13400), 537 MB as RGB.
+MAX_IMAGE_PIXELS = 178956970
 
 _EXIF_ORIENTATION = 0x0112
 _HIGH_DEPTH_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
@@ -224,10 +234,30 @@ def image_file_from_bytes(file_name, data):
         return ImageFile(file_name, data, image.size, orientation, image.format, image.mode)
 
 
+class NotARegularFile(OSError):
+    """A local path that is a named pipe, a device, a socket or a directory: reading it would hang
+    (a pipe) or never end (the zero device)."""
+
+
+def file_kind(mode):
+    """What an ``st_mode`` that is not a regular file is, in words."""
+    for test, name in ((stat.S_ISFIFO, "a named pipe"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a directory")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
 def _read_bytes(file_name):
     # a local file directly (iopath's handler lookup is a third of the cost of reading a header);
     # anything else (URLs, manifold://, ...) through Detectron2's PathManager, as read_image does
-    if os.path.isfile(file_name):
+    try:
+        mode = os.stat(file_name).st_mode
+    except OSError:
+        mode = None
+    if mode is not None:
+        if not stat.S_ISREG(mode):
+            raise NotARegularFile(f"{file_kind(mode)}, not a regular file")
         with open(file_name, "rb") as f:
             return f.read()
     with PathManager.open(file_name, "rb") as f:
@@ -241,11 +271,18 @@ def open_image_or_none(file_name, skipped=None, use=""):
     file is counted."""
     try:
         item = image_file_from_bytes(file_name, _read_bytes(file_name))
+    except NotARegularFile as e:
+        _skip(skipped, file_name, str(e), use)
+        return None
     except Exception as e:  # noqa: BLE001 - any reader error means "skip this file"
         _skip(skipped, file_name, f"unreadable image, {type(e).__name__}: {e}", use)
         return None
     if min(item.height, item.width) < MIN_IMAGE_SIDE:
         _skip(skipped, file_name, f"image size {item.width}x{item.height} is below {MIN_IMAGE_SIDE} px", use)
+        return None
+    if item.height * item.width > MAX_IMAGE_PIXELS:
+        _skip(skipped, file_name, f"image size {item.width}x{item.height} = {item.width * item.height} pixels is above "
+                                  f"the budget of {MAX_IMAGE_PIXELS} (image_io.MAX_IMAGE_PIXELS)", use)
         return None
     return item
 

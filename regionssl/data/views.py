@@ -290,8 +290,9 @@ class CopyPaste(CompositingViewGenerator):
         lo, hi = self.fg_size
         tw, th = np.random.randint(lo, hi, size=2)
         factor = min(max(tw, th) / max(w, h), min(tw, th) / min(w, h))
-        nw = int(np.clip(round(w * factor), 1, self.canvas))
-        nh = int(np.clip(round(h * factor), 1, self.canvas))
+        # mmcv's rescale_size: int(x + 0.5), half rounded up (Python's round() goes to even)
+        nw = int(np.clip(int(w * factor + 0.5), 1, self.canvas))
+        nh = int(np.clip(int(h * factor + 0.5), 1, self.canvas))
         return nw, nh
 
     def plan(self, height, width):

@@ -4,6 +4,7 @@ import logging
 import os
 
 import torch
+import yaml
 from detectron2.config import get_cfg
 from detectron2.engine import DefaultTrainer
 from detectron2.modeling import META_ARCH_REGISTRY
@@ -22,14 +23,23 @@ _NORM_KEYS = ("RESNETS", "FPN", "ROI_BOX_HEAD", "ROI_MASK_HEAD")
 def get_regionssl_cfg(config_file=None, opts=()):
     """Detectron2 defaults + regionssl keys, merged with a file and ``KEY VALUE`` overrides.
 
-    Unknown keys stop with Detectron2's "Non-existent config key" error naming the key.
+    Unknown keys stop with Detectron2's "Non-existent config key" error naming the key. The file
+    (and its ``_BASE_`` files) is read as plain YAML: Detectron2 would construct Python objects
+    from ``!!python/...`` tags (``allow_unsafe=True``), which runs code; here such a tag stops the
+    load with a ValueError naming the file.
     """
     cfg = get_cfg()
     add_regionssl_config(cfg)
     if config_file:
         if not os.path.isfile(config_file):
             raise FileNotFoundError(f"Config file {config_file!r} does not exist")
-        cfg.merge_from_file(config_file)
+        try:
+            cfg.merge_from_file(config_file, allow_unsafe=False)
+        except yaml.constructor.ConstructorError as e:
+            mark = e.problem_mark or e.context_mark
+            where = f"{mark.name}, line {mark.line + 1}" if mark is not None else config_file
+            raise ValueError(f"Config file {where}: {e.problem} - Python YAML tags are not read (they can run "
+                             "code); give plain values.") from None
     cfg.merge_from_list(list(opts))
     return cfg
 

@@ -10,9 +10,15 @@ pieces ``DefaultTrainer.__init__`` hard-codes are builders here, which is all it
 * ``build_step_runner``: ``SimpleTrainer``/``AMPTrainer``, for pretraining reading a step's losses
   and diagnostics from the device with one copy (:class:`OneReadStep`), and their accumulating
   versions for ``SOLVER.REGIONSSL.ACCUMULATE``;
-* ``build_checkpointer``: the regionssl checkpointer (pretraining checkpoints carry a format tag).
+* ``build_checkpointer``: the regionssl checkpointer (pretraining checkpoints carry a format tag;
+  safe reads, atomic writes, resume falling back to the previous readable checkpoint).
 
-Everything else (hooks, writers with ETA, checkpointing, resume) is Detectron2's.
+Both trainers add two hooks to Detectron2's: :class:`~regionssl.engine.weights_guard.WeightsGuard`
+just before the checkpointer (diverged weights are never saved) and
+:class:`~regionssl.engine.resume_checks.SolverKeysOnResume` (solver keys changed on resume are
+refused or reported). ``resume_or_load`` also writes a missing ``model_final.pth`` when the run
+resumes from a checkpoint of its last iteration. Everything else (hooks, writers with ETA,
+checkpointing, resume) is Detectron2's.
 """
 import logging
 import os
@@ -27,14 +33,18 @@ from detectron2.modeling import META_ARCH_REGISTRY
 from detectron2.solver import build_optimizer as d2_build_optimizer
 from detectron2.solver.build import maybe_add_gradient_clipping
 from detectron2.utils import comm
+from detectron2.utils.events import CommonMetricPrinter
 from detectron2.utils.logger import setup_logger
 
-from ..checkpoint import FormatTag, RegionSSLCheckpointer
+from ..checkpoint import FormatTag, RegionSSLCheckpointer, input_format_of
+from ..config_check import check_config
 from ..data.build import build_pretrain_train_loader
 from ..modeling.meta_arch.base import RegionSSLBase
 from ..utils.distributed import broadcast_buffers_from_rank0
 from .hooks import ModelStepHook, PretrainLoader, build_pretrain_hooks
 from .resume import DataStateHook
+from .resume_checks import SolverKeysOnResume
+from .weights_guard import WeightsGuard
 from . import accumulate, setup
 
 __all__ = ["PretrainTrainer", "FinetuneTrainer", "trainer_for", "is_pretraining", "wrap_ddp", "OneReadStep"]
@@ -93,6 +103,24 @@ class _OneReadAMPTrainer(OneReadStep, AMPTrainer):
     pass
 
 
+class CheckpointAlignedWriter(hooks.PeriodicWriter):
+    """Detectron2's PeriodicWriter that also writes ``metrics.json`` (and the other file writers, not
+    the console) at the end of every iteration the checkpointer saves: what is on disk is never
+    behind the last checkpoint, so a run killed later still leaves its metrics up to there."""
+
+    def __init__(self, writers, period, checkpoint_period):
+        super().__init__(writers, period)
+        self._checkpoint_period = checkpoint_period
+
+    def after_step(self):
+        super().after_step()
+        it = self.trainer.iter
+        if (it + 1) % self._checkpoint_period == 0 and (it + 1) % self._period != 0 and it != self.trainer.max_iter - 1:
+            for writer in self._writers:
+                if not isinstance(writer, CommonMetricPrinter):
+                    writer.write()
+
+
 class _Trainer(DefaultTrainer):
     # True/False for DistributedDataParallel's find_unused_parameters; None asks the model
     # (``RegionSSLBase.needs_find_unused_parameters``).
@@ -107,6 +135,7 @@ class _Trainer(DefaultTrainer):
         if not logger.isEnabledFor(logging.INFO):
             setup_logger()
         cfg = self.auto_scale_workers(cfg, comm.get_world_size())
+        check_config(cfg, pretraining=is_pretraining(cfg), world_size=comm.get_world_size())
         model = self.build_model(cfg)
         optimizer = self.build_optimizer(cfg, model)
         data_loader = self.build_train_loader(cfg)
@@ -145,7 +174,35 @@ class _Trainer(DefaultTrainer):
 
     @classmethod
     def build_checkpointer(cls, cfg, model, **checkpointables):
-        return RegionSSLCheckpointer(model, cfg.OUTPUT_DIR, **checkpointables)
+        return RegionSSLCheckpointer(model, cfg.OUTPUT_DIR, input_format=input_format_of(cfg), **checkpointables)
+
+    def build_hooks(self):
+        """Detectron2's hooks, with :class:`WeightsGuard` right before the checkpointer,
+        :class:`SolverKeysOnResume` (its state travels in every checkpoint) and the writers also
+        writing at checkpoints (:class:`CheckpointAlignedWriter`)."""
+        ret = [CheckpointAlignedWriter(h._writers, h._period, self.cfg.SOLVER.CHECKPOINT_PERIOD)
+               if type(h) is hooks.PeriodicWriter else h for h in super().build_hooks()]
+        guard = self.cfg.TEST.REGIONSSL.WEIGHTS_GUARD
+        if guard.ENABLED:
+            at = next((i for i, h in enumerate(ret) if isinstance(h, hooks.PeriodicCheckpointer)), len(ret))
+            ret.insert(at, WeightsGuard(self.cfg.SOLVER.CHECKPOINT_PERIOD, guard.MAX_NORM_GROWTH))
+        return ret + [SolverKeysOnResume(self.cfg)]
+
+    def resume_or_load(self, resume=True):
+        """Detectron2's, with the regionssl checkpointer's fallback (``start_iter`` follows the
+        checkpoint actually loaded). A run resumed from a checkpoint of its last iteration whose
+        ``model_final.pth`` is missing or unreadable is not finished: the final checkpoint is written
+        now, from that state (the state after the last iteration, as the run would have saved it)."""
+        self.checkpointer.resume_or_load(self.cfg.MODEL.WEIGHTS, resume=resume)
+        resumed = self.checkpointer.resumed_from
+        if not resumed:
+            return
+        self.start_iter = self.iter + 1
+        if self.start_iter >= self.max_iter and os.path.basename(resumed) != "model_final.pth":
+            logging.getLogger(__name__).warning(
+                f"{resumed} holds the state after the last iteration ({self.iter}) but model_final.pth is missing or "
+                "unreadable: writing it now.")
+            self.checkpointer.save("model_final", iteration=self.iter)
 
     @classmethod
     def build_train_loader(cls, cfg):
@@ -196,8 +253,9 @@ class PretrainTrainer(_Trainer):
 
     @classmethod
     def build_checkpointer(cls, cfg, model, **checkpointables):
-        tag = FormatTag(cfg.MODEL.META_ARCHITECTURE)
-        return RegionSSLCheckpointer(model, cfg.OUTPUT_DIR, regionssl=tag, **checkpointables)
+        tag = FormatTag(cfg.MODEL.META_ARCHITECTURE, input_format_of(cfg))
+        return RegionSSLCheckpointer(model, cfg.OUTPUT_DIR, regionssl=tag, input_format=input_format_of(cfg),
+                                     **checkpointables)
 
     @classmethod
     def build_train_loader(cls, cfg):

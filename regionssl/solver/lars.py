@@ -1,8 +1,9 @@
 """LARS (You et al., 2017, "Large Batch Training of Convolutional Networks") for BYOL-style runs.
 
-SCRL (kakaobrain/scrl ``optim/optim.py``: torchlars ``LARS`` around ``torch.optim.SGD``) and SwAV
-(facebookresearch/swav ``main_swav.py``: apex ``LARC(clip=False)`` around SGD) use the same rule,
-implemented here as one ``torch.optim.Optimizer`` (docs/methods/scrl.md, docs/methods/swav.md). For a
+SCRL (kakaobrain/scrl ``optim/optim.py``: torchlars ``LARS`` around ``torch.optim.SGD``) uses this
+rule, implemented here as one ``torch.optim.Optimizer``; SwAV (facebookresearch/swav ``main_swav.py``:
+apex ``LARC(clip=False)`` around SGD) uses it too except when ||w|| or ||g|| is 0, where LARC adds no
+weight decay while the rule below adds wd * w with trust 1 (docs/methods/scrl.md, docs/methods/swav.md). For a
 parameter w with gradient g, in a group with learning rate lr, momentum m, weight decay wd and
 coefficient eta::
 

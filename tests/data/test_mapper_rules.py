@@ -299,3 +299,14 @@ def test_invalid_rows_do_not_trigger_redraw(photo):
     mapper.region_sampler = half_outside
     out = mapper({"file_name": photo, "image_id": 0})
     assert out["valid"].tolist() == [True, False] and out["boxes"][0].shape == (2, 4)
+
+
+def test_copy_paste_foreground_size_rounds_half_up_as_mmcv(monkeypatch):
+    """InsLoc's foreground size: mmcv's rescale_size, int(x + 0.5); a crop of 5 x 8 px fitted into a
+    4 x 4 target has scale min(4 / 8, 4 / 5) = 0.5: width 2.5 -> 3 (round() would give 2), height 4."""
+    from types import SimpleNamespace
+
+    from regionssl.data.views import CopyPaste
+
+    monkeypatch.setattr(np.random, "randint", lambda lo, hi, size=None: np.array([4, 4]))
+    assert CopyPaste._fit_size(SimpleNamespace(fg_size=(128, 255), canvas=256), 5, 8) == (3, 4)
