@@ -112,3 +112,17 @@ def test_unavailable_start_method_falls_back_with_a_warning(caplog, monkeypatch)
         assert stream_module.worker_start_method("fork") == ""
     assert "'fork' is not available" in caplog.text
     assert stream_module.worker_start_method("spawn") == "spawn"
+
+
+def test_loader_iterator_draws_its_seed_when_made():
+    """iter() makes the DataLoader's iterator at once (it draws its base seed from the global
+    generator), as iter(DataLoader) does: DataStateHook restores the saved random state right after."""
+    n = 8
+    loader = PretrainBatches(MappedStream(_records(n), _IndexMapper(), ResumableTrainingSampler(n, seed=0), chunk=2),
+                             batch_size=2, num_workers=0)
+    torch.manual_seed(5)
+    iter(loader)
+    after_iter = torch.rand(1)
+    torch.manual_seed(5)
+    torch.empty((), dtype=torch.int64).random_()  # the DataLoader's one draw
+    assert torch.equal(after_iter, torch.rand(1))

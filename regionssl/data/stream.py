@@ -105,5 +105,11 @@ class PretrainBatches:
         )
 
     def __iter__(self):
-        for packed in self.loader:
+        # the DataLoader's iterator is made now, as iter(DataLoader) does (it draws the workers' base
+        # seed from the global generator then: DataStateHook restores the saved random state after it)
+        return self._unpacked(iter(self.loader))
+
+    @staticmethod
+    def _unpacked(batches):
+        for packed in batches:
             yield packed.unpack()
