@@ -340,7 +340,10 @@ def _fmt(x, digits=1):
 
 def measure(args):
     results = {"machine": f"{os.cpu_count()} CPUs", "workers": args.workers, "batch": args.batch, "sizes": {}}
-    for size in args.sizes:
+    if os.path.exists(os.path.splitext(args.out)[0] + ".json"):  # add to the sizes measured before
+        with open(os.path.splitext(args.out)[0] + ".json") as f:
+            results = json.load(f)
+    for size in args.sizes if "sizes" in args.stages else ():
         root = build_tree(os.path.join(args.root, f"tree_{size}"), size, args.classes)
         cache = tempfile.mkdtemp(prefix="listing-cache-", dir=args.root)
         r = results["sizes"][str(size)] = {}
@@ -352,14 +355,23 @@ def measure(args):
         r["loader"] = {p: run_child("loader", dict(loader, path=p)) for p in ("ours", "detectron2", "imagefolder")
                        if p != "detectron2" or size * args.batch <= args.max_detectron2_slots}
         print(json.dumps(r, indent=1), flush=True)
+        _save(results, args.out)  # what is measured so far survives a later failure
+    if "launch" not in args.stages:
+        return results
     size = max(args.sizes)
-    root = os.path.join(args.root, f"tree_{size}", "train")
+    root = build_tree(os.path.join(args.root, f"tree_{size}"), size, args.classes)
     launch = {"root": root, "cache": tempfile.mkdtemp(prefix="listing-cache-", dir=args.root),
               "workers": args.launch_workers, "batch": args.batch // 4}
     results["launch"] = {"size": size, "workers": args.launch_workers, "batch": args.batch // 4,
                          **{p: run_child("launch", dict(launch, path=p)) for p in ("ours", "imagefolder")}}
     print(json.dumps(results["launch"], indent=1), flush=True)
+    _save(results, args.out)
     return results
+
+
+def _save(results, out):
+    with open(os.path.splitext(out)[0] + ".json", "w") as f:
+        json.dump(results, f, indent=1)
 
 
 def report(results):
@@ -429,6 +441,8 @@ def main(argv=None):
     ap.add_argument("--max-detectron2-slots", type=float, default=1.1e7,
                     help="skip Detectron2's loader where files x batch exceeds this (40 B each per worker)")
     ap.add_argument("--out", default=os.path.join(BENCH, "DATA_SCALE.md"))
+    ap.add_argument("--stages", nargs="+", default=["sizes", "launch"], choices=["sizes", "launch"])
+    ap.add_argument("--report-only", action="store_true", help="rewrite the Markdown from the saved JSON")
     ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
@@ -436,13 +450,15 @@ def main(argv=None):
         print("RESULT " + json.dumps(CHILDREN[kind](json.loads(payload))), flush=True)
         return
     os.makedirs(args.root, exist_ok=True)
-    results = measure(args)
+    if args.report_only:
+        with open(os.path.splitext(args.out)[0] + ".json") as f:
+            results = json.load(f)
+    else:
+        results = measure(args)
     text = report(results)
     print(text)
     with open(args.out, "w") as f:
         f.write(text)
-    with open(os.path.splitext(args.out)[0] + ".json", "w") as f:
-        json.dump(results, f, indent=1)
 
 
 if __name__ == "__main__":

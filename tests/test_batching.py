@@ -126,3 +126,12 @@ def test_loader_iterator_draws_its_seed_when_made():
     torch.manual_seed(5)
     torch.empty((), dtype=torch.int64).random_()  # the DataLoader's one draw
     assert torch.equal(after_iter, torch.rand(1))
+
+
+def test_workers_are_forked_whatever_the_default():
+    """Inside launch()'d processes Python's default start method is spawn; the loader asks for fork."""
+    n = 8
+    stream = MappedStream(_records(n), _IndexMapper(), ResumableTrainingSampler(n, seed=0), chunk=2)
+    loader = PretrainBatches(stream, batch_size=2, num_workers=2, start_method="fork")
+    assert loader.loader.multiprocessing_context.get_start_method() == "fork"
+    assert PretrainBatches(stream, batch_size=2, num_workers=2, start_method="").loader.multiprocessing_context is None
