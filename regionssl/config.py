@@ -324,6 +324,10 @@ def _add_test_keys(cfg):
     # Run name ("" = the last component of OUTPUT_DIR); the run id is kept in OUTPUT_DIR/mlflow_run_id.
     t.MLFLOW.RUN_NAME = ""
 
+    # Log each stage's conv weight norm over its norm at random initialisation (stem, res2-res5, fpn,
+    # box_head: regionssl/weight_norm/<stage>) every this many iterations and after the last (0 = never).
+    t.WEIGHT_NORM_PERIOD = 20
+
     t.GUARD = CN()
     # Watch the losses and diagnostics the model logs and warn when the run collapses or stalls.
     t.GUARD.ENABLED = True
@@ -344,6 +348,10 @@ def _add_test_keys(cfg):
     t.GUARD.MIN_CHANCE_MARGIN = 0.05
     # Stall: mean positive cosine similarity not above the mean negative one by this much.
     t.GUARD.MIN_SIM_GAP = 0.01
+    # Fine-tunability: warn (never stop) when a stage's conv weight norm exceeds this many times its norm
+    # at random initialisation (regionssl/weight_norm/<stage>; a detector fine-tuned from it moves that
+    # stage ~ratio^2 times more slowly than a fresh one). 0 = off.
+    t.GUARD.MAX_WEIGHT_NORM_GROWTH = 4.0
     # A condition that persists is warned about again only after this many iterations.
     t.GUARD.REPEAT_PERIOD = 1000
 

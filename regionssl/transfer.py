@@ -25,6 +25,7 @@ __all__ = [
     "METRICS", "ModelSpec", "TransferError", "parse_model_spec", "config_identity", "config_differences",
     "check_run_identity",
     "read_eval_metrics", "read_timings", "summarize", "markdown_table", "plot_summary", "file_sha1",
+    "scaling_points", "budget_model_name", "scaling_table", "plot_scaling",
 ]
 
 # (evaluator task, metric) pairs in table order; labels as the papers write them.
@@ -262,6 +263,73 @@ def plot_summary(rows, path, title=None, metrics=("box AP", "mask AP")):
     ax.set_xticklabels([name for name, _, _ in rows], rotation=20 if len(rows) > 4 else 0)
     ax.set_ylabel("AP (%)")
     ax.grid(axis="y", alpha=0.3, zorder=0)
+    ax.legend(frameon=False, fontsize=8)
+    if title:
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def scaling_points(models, recipe, budgets, final_budget, metric="box AP"):
+    """The scaling curve of one pretraining recipe from a transfer benchmark's ``models`` (its JSON).
+
+    Args:
+        models: ``transfer.json``'s ``"models"``: entries with ``"name"`` and ``"summary"``.
+        recipe: name of the recipe's final checkpoint; its budget-``B`` checkpoints are named
+            ``<recipe>_b<B>`` (:func:`budget_model_name`), random initialisation ``random``.
+        budgets: the intermediate budgets (pretraining steps); ``final_budget``: the recipe's MAX_ITER.
+    Returns:
+        ``[(budget, summary of metric or None)]`` for 0 (random init), each budget and the final one.
+    """
+    by_name = {m["name"]: m.get("summary", {}).get(metric) for m in models}
+    names = [(0, "random")] + [(b, budget_model_name(recipe, b)) for b in budgets] + [(final_budget, recipe)]
+    return [(b, by_name.get(n)) for b, n in names]
+
+
+def budget_model_name(recipe, budget):
+    """Row name of a recipe's checkpoint after ``budget`` pretraining steps, e.g. ``mocov2_b500``."""
+    return f"{recipe}_b{budget}"
+
+
+def scaling_table(curves, metric="box AP"):
+    """Markdown: one row per budget, one column per recipe, 'mean (min–max)' over fine-tuning seeds.
+    ``curves``: ``{recipe: scaling_points(...)}``."""
+    budgets = sorted({b for points in curves.values() for b, _ in points})
+    lines = ["| pretraining steps | " + " | ".join(curves) + " |", "|---:|" + "---:|" * len(curves)]
+    for b in budgets:
+        cells = []
+        for points in curves.values():
+            s = dict(points).get(b)
+            cells.append(_cell(s) + ("" if not s or s["n"] == 0 else f" [{s['n']}]") if s else "")
+        lines.append(f"| {'0 (random init)' if b == 0 else b} | " + " | ".join(cells) + " |")
+    lines += ["", f"{metric}: mean (min–max) over fine-tuning seeds [number of seeds]; COCO AP in percent."]
+    return "\n".join(lines) + "\n"
+
+
+def plot_scaling(curves, path, metric="box AP", title=None):
+    """Line chart of ``scaling_table``'s numbers: mean against pretraining steps per recipe, the seed
+    range as a band, every seed as a dot."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.6, 3.6), dpi=120)
+    for recipe, points in curves.items():
+        pts = [(b, s) for b, s in points if s and s["n"]]
+        if not pts:
+            continue
+        xs = [b for b, _ in pts]
+        line, = ax.plot(xs, [s["mean"] for _, s in pts], "o-", label=recipe, zorder=3)
+        ax.fill_between(xs, [s["min"] for _, s in pts], [s["max"] for _, s in pts], color=line.get_color(), alpha=0.15)
+        for b, s in pts:
+            seeds = _finite(s["values"])
+            ax.plot([b] * len(seeds), seeds, ".", color=line.get_color(), ms=3, zorder=2)
+    ax.set_xlabel("pretraining steps (0 = random init)")
+    ax.set_ylabel(f"{metric} (%)")
+    ax.grid(alpha=0.3)
     ax.legend(frameon=False, fontsize=8)
     if title:
         ax.set_title(title, fontsize=9)

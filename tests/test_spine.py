@@ -1,5 +1,6 @@
 """The spine: configs merge, weights hand over to detectors, converter, errors that name the thing."""
 import glob
+import json
 import os
 import pickle
 import subprocess
@@ -181,3 +182,30 @@ def test_probe_command_line_takes_overrides_after_seeds():
     assert parse_args(["--config-file", "c.yaml"]).seeds == [0]
     with pytest.raises(SystemExit):
         parse_args(["--config-file", "c.yaml", "--seeds", "MODEL.X", "1"])
+
+
+def test_probe_json_feeds_the_demo_summary(tmp_path):
+    """tools/probe.py --random-init --output-json (the demo's probe step) writes both columns per seed,
+    and tools/summarize_run.py reads the paired gain from exactly those numbers."""
+    from probe import main as probe_main
+    from summarize_run import probe_gain
+
+    small = ["MODEL.DEVICE", "cpu", "MODEL.RESNETS.DEPTH", "18", "MODEL.RESNETS.RES2_OUT_CHANNELS", "64",
+             "MODEL.REGIONSSL.PROJECTOR.HIDDEN_DIM", "64", "TEST.REGIONSSL.PROBE_CROP_SIZE", "64",
+             "TEST.REGIONSSL.PROBE_ROUNDS", "1"]
+    config = os.path.join(QS, "mocov2_instant_test.yaml")
+    torch.manual_seed(5)  # another construction seed than the random-init column's 0: another network
+    weights = tmp_path / "model_final.pth"
+    torch.save({"model": build_model(cfg_of(config, *small)).state_dict()}, weights)
+    out = tmp_path / "probe" / "probe.json"
+    results = probe_main(["--config-file", config, "--weights", str(weights), "--random-init", "--max-images", "3",
+                          "--seeds", "0", "1", "--output-json", str(out)] + small)
+    data = json.loads(out.read_text())
+    assert data["seeds"] == [0, 1] and data["weights"] == str(weights)
+    assert sorted(data["results"]) == ["checkpoint", "random init"]
+    assert data["results"]["checkpoint"]["1"]["top1"] == results["checkpoint"][1]["top1"]
+    ours = [results["checkpoint"][s]["top1"] for s in (0, 1)]
+    rand = [results["random init"][s]["top1"] for s in (0, 1)]
+    lines = probe_gain(str(out))
+    assert f"pretrained {sum(ours) / 2:.3f}, random init {sum(rand) / 2:.3f}" in lines[0]
+    assert lines[1].startswith(f"pretraining bought {(ours[0] - rand[0] + ours[1] - rand[1]) / 2:+.3f} region top-1")

@@ -248,8 +248,38 @@ def test_demo_summary_prints_pretrained_beside_random(tmp_path, capsys):
     lines = [" ".join(line.split()) for line in out.splitlines()]
     assert "insloc_fpn (seed 0) 22.50 (45.0, 11.2) 20.25 (40.5, 10.1)" in lines
     assert "random init (seed 0) 5.00 (10.0, 2.5) 4.00 (8.0, 2.0)" in lines
-    assert "pretraining bought: +17.50 box AP, +16.25 mask AP (insloc_fpn vs random init" in out
+    assert "AP difference: +17.50 box AP, +16.25 mask AP (insloc_fpn vs random init, one seed)" in out
+    assert "pretraining bought" not in out  # no probe given: nothing is claimed for the pretraining
     assert "queue is" not in out  # no queue logged
+
+
+def test_demo_summary_states_the_probe_gain(tmp_path, capsys):
+    """With tools/probe.py's JSON, the summary states what the pretraining bought on the probe: region
+    top-1 of both columns (means over seeds) and the paired gain, counting the seeds above random init."""
+    spec = importlib.util.spec_from_file_location("summarize_run", os.path.join(REPO, "tools", "summarize_run.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    pre = tmp_path / "pretrain"
+    pre.mkdir()
+    (pre / "metrics.json").write_text(json.dumps({"iteration": 29, "loss_contrast_p2": 5.0}) + "\n")
+
+    def metrics(top1):
+        return {"top1": top1, "num_queries": 512, "chance": 1 / 64, "image_top1": 0.5}
+
+    probe = {"dataset": "regionssl_demo_images_heldout", "seeds": [0, 1, 2], "results": {
+        "checkpoint": {"0": metrics(0.25), "1": metrics(0.20), "2": metrics(0.30)},
+        "random init": {"0": metrics(0.20), "1": metrics(0.21), "2": metrics(0.24)}}}
+    (tmp_path / "probe.json").write_text(json.dumps(probe))
+    assert mod.main(["--pretrain", str(pre), "--probe", str(tmp_path / "probe.json"), "--finetune", str(pre)]) == 1
+    out = capsys.readouterr().out
+    assert ("probe       : region top-1 on held-out regionssl_demo_images_heldout (512 queries per seed, chance 0.016): "
+            "pretrained 0.250, random init 0.217\n") in out
+    assert ("pretraining bought +0.033 region top-1 (paired: same views, seeds 0, 1, 2; 2 of 3 seeds above random "
+            "init)\n") in out
+    del probe["results"]["random init"]
+    (tmp_path / "probe.json").write_text(json.dumps(probe))
+    with pytest.raises(ValueError, match="probe.json: needs the checkpoint and random-init columns"):
+        mod.main(["--pretrain", str(pre), "--probe", str(tmp_path / "probe.json"), "--finetune", str(pre)])
 
 
 def test_demo_summary_explains_a_filling_queue(tmp_path, capsys):

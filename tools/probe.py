@@ -9,6 +9,7 @@ with the same seed) and one row per probe number (see ``regionssl/probe.py``). T
 ``KEY VALUE`` pairs override the config, e.g. ``TEST.REGIONSSL.PROBE_CROP_SIZE 128``.
 """
 import argparse
+import json
 import os
 import sys
 import time
@@ -67,6 +68,8 @@ def parse_args(argv=None):
                         help="probe seeds (views, boxes, augmentation); several give a table of means. "
                              "Config overrides may follow them (--seeds 0 1 2 MODEL.X y)")
     parser.add_argument("--init-seed", type=int, default=0, help="seed of the model construction")
+    parser.add_argument("--output-json", default=None,
+                        help="also write {column: {seed: metrics}} and the settings to this JSON file")
     parser.add_argument("opts", nargs=argparse.REMAINDER, default=[])
     args = parser.parse_args(argv)
     args.seeds, args.opts = split_seeds(args.seeds, args.opts, parser)
@@ -104,7 +107,23 @@ def main(argv=None):
             values = {row: [results[n][seed][row] for seed in args.seeds] for row in ("top1", "image_top1")}
             summary[n] = {row: f"{sum(v) / len(v):.3f} ({min(v):.3f} - {max(v):.3f})" for row, v in values.items()}
         print_table(summary, ("top1", "image_top1"))
+    if args.output_json:
+        write_json(args.output_json, {
+            "config": args.config_file, "weights": weights, "dataset": args.dataset or cfg.TEST.REGIONSSL.PROBE_DATASET,
+            "crop": cfg.TEST.REGIONSSL.PROBE_CROP_SIZE, "seeds": args.seeds,
+            "results": {n: {str(seed): m for seed, m in r.items()} for n, r in results.items()},
+        })
     return results
+
+
+def write_json(path, data):
+    """Write ``data`` to ``path`` through a temporary file in the same folder (never a torn file)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1)
+    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

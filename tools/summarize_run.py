@@ -1,6 +1,7 @@
 #!/usr/bin/env python
-"""Print the outcome of a pretrain -> fine-tune run: box/mask AP (beside random init when given a
-tools/transfer.py result) and where everything was written."""
+"""Print the outcome of a pretrain -> fine-tune run: what the pretraining learned (the retrieval
+probe beside random init, when given tools/probe.py's JSON), box/mask AP (beside random init when
+given a tools/transfer.py result) and where everything was written."""
 import argparse
 import glob
 import json
@@ -61,9 +62,30 @@ def print_comparison(rows):
             a, b = _ap(res, k), _ap(base[2], k)
             if a is not None and b is not None:
                 gains.append(f"{a - b:+.2f} {label} AP")
-        print(f"pretraining bought: {', '.join(gains)} ({name} vs random init, same seed and schedule; "
-              "one seed only: tools/transfer.py measures several)")
+        print(f"AP difference: {', '.join(gains)} ({name} vs random init, one seed). A run this short checks the "
+              "plumbing; AP gains from pretraining need the transfer benchmark's budget (docs/transfer.md)")
     return all(_ap(res, k) is not None for _, _, res, _ in rows for k in ("bbox", "segm"))
+
+
+def probe_gain(path):
+    """Lines on the retrieval probe of tools/probe.py --random-init --output-json: region top-1 of the
+    checkpoint and of random initialisation per seed, and the paired gain (same views per seed)."""
+    with open(path) as f:
+        data = json.load(f)
+    res, seeds = data["results"], [str(s) for s in data["seeds"]]
+    if "checkpoint" not in res or "random init" not in res:
+        raise ValueError(f"{path}: needs the checkpoint and random-init columns (tools/probe.py --random-init)")
+    ours = [res["checkpoint"][s]["top1"] for s in seeds]
+    rand = [res["random init"][s]["top1"] for s in seeds]
+    gains = [a - b for a, b in zip(ours, rand)]
+    first = res["checkpoint"][seeds[0]]
+    mean = lambda v: sum(v) / len(v)  # noqa: E731
+    return [
+        f"region top-1 on held-out {data['dataset']} ({int(first['num_queries'])} queries per seed, "
+        f"chance {first['chance']:.3f}): pretrained {mean(ours):.3f}, random init {mean(rand):.3f}",
+        f"pretraining bought {mean(gains):+.3f} region top-1 (paired: same views, seeds {', '.join(seeds)}; "
+        f"{sum(g > 0 for g in gains)} of {len(gains)} seeds above random init)",
+    ]
 
 
 def main(argv=None):
@@ -71,6 +93,7 @@ def main(argv=None):
     p.add_argument("--pretrain", required=True)
     p.add_argument("--finetune", default=None, help="one fine-tuning run directory")
     p.add_argument("--transfer", default=None, help="transfer.json of tools/transfer.py (pretrained vs random)")
+    p.add_argument("--probe", default=None, help="JSON of tools/probe.py --random-init --output-json")
     p.add_argument("--pictures", default=None)
     args = p.parse_args(argv)
     if not (args.finetune or args.transfer):
@@ -89,6 +112,8 @@ def main(argv=None):
             # a newcomer reads a rising loss as failure: while the queue fills, K (and ln(K+1)) grows
             print(f"              the key queue is {100 * min(fill):.0f}% full: each step still adds negatives, so the "
                   "loss may rise; this short run checks the plumbing (README \"Is it learning?\" shows learning)")
+    if args.probe:
+        print("probe       : " + "\n              ".join(probe_gain(args.probe)))
     skipped = pre.get("regionssl/skipped_images")
     if skipped is not None:
         names = os.path.join(args.pretrain, "skipped_images.txt")
@@ -110,6 +135,8 @@ def main(argv=None):
             print(f"AP missing in {args.transfer}")
             return 1
         paths.append(args.transfer)
+    if args.probe:
+        paths.append(args.probe)
     print("metrics     : " + "\n              ".join(paths))
     print(f"tensorboard : tensorboard --logdir {os.path.dirname(os.path.abspath(args.pretrain))}")
     if args.pictures:

@@ -6,6 +6,8 @@ Registered names (files under ``$DETECTRON2_DATASETS``, Detectron2's convention,
 * ``coco_2017_train_images``      coco/train2017/*.jpg
 * ``coco_2017_unlabeled_images``  coco/unlabeled2017/*.jpg
 * ``imagenet_train_images``       imagenet/train/<class>/*.JPEG
+* ``regionssl_minidet_train_images``  regionssl_minidet/train/*.jpg: the transfer benchmark's training
+  images without their labels (``tools/build_detection_set.py``), for in-domain pretraining
 * ``folder:<path>``               any folder of images (searched recursively), registered on use;
 * ``filelist:<path>``             the image paths in a text file, one per line, registered on use.
 
@@ -39,6 +41,7 @@ _BUILTIN_FOLDERS = {
     "coco_2017_train_images": "coco/train2017",
     "coco_2017_unlabeled_images": "coco/unlabeled2017",
     "imagenet_train_images": "imagenet/train",
+    "regionssl_minidet_train_images": "regionssl_minidet/train",
 }
 
 

@@ -19,6 +19,7 @@ from detectron2.utils import comm
 from detectron2.utils.events import get_event_storage
 
 from ..data.build import ResumableTrainingSampler
+from .weight_norms import WEIGHT_NORM_PREFIX, WeightNormMonitor
 
 __all__ = [
     "ModelStepHook", "PretrainLoader", "ViewPairVisualizer", "ProbeHook", "CollapseGuard", "TrainingCollapsed",
@@ -198,7 +199,11 @@ class CollapseGuard(HookBase):
       from ``emb_std``; 1.05 is every pair at |cos| >= ~0.975);
     * stall, chance: ``loss / weight > chance - min_chance_margin`` (InfoNCE's ln(K+1), SwAV's
       ln K_c: the model does not tell the positive from the negatives);
-    * stall, similarity: ``pos_sim - neg_sim < min_sim_gap``.
+    * stall, similarity: ``pos_sim - neg_sim < min_sim_gap``;
+    * weights grown past fine-tuning: a stage's ``regionssl/weight_norm/<stage>`` (conv weight norm
+      over its norm at random initialisation, :class:`~regionssl.engine.weight_norms.WeightNormMonitor`)
+      above ``max_weight_norm_growth``. Warned about, never stopped for: the run learns, but a detector
+      fine-tuned from it moves that stage ~ratio^2 times more slowly than a fresh one.
 
     Reads the EventStorage only (no forward pass). Each condition of each loss is warned about at
     most once per ``repeat_period`` iterations. The verdict is rank 0's (the losses are gathered
@@ -208,8 +213,9 @@ class CollapseGuard(HookBase):
     SIGNALS = ("loss", "emb_std", "emb_rank", "pos_sim", "neg_sim")
 
     def __init__(self, *, start_iter, period=20, window=20, min_emb_std_fraction=0.05, min_emb_rank=1.05,
-                 min_chance_margin=0.05, min_sim_gap=0.01, repeat_period=1000, stop=False):
+                 min_chance_margin=0.05, min_sim_gap=0.01, max_weight_norm_growth=0.0, repeat_period=1000, stop=False):
         self.start_iter, self.period, self.window = start_iter, max(period, 1), max(window, 1)
+        self.max_weight_norm_growth = max_weight_norm_growth
         self.min_emb_std_fraction, self.min_emb_rank = min_emb_std_fraction, min_emb_rank
         self.min_chance_margin = min_chance_margin
         self.min_sim_gap, self.repeat_period, self.stop = min_sim_gap, repeat_period, stop
@@ -223,7 +229,7 @@ class CollapseGuard(HookBase):
             start = max(cfg.SOLVER.WARMUP_ITERS, min(1000, cfg.SOLVER.MAX_ITER // 5))
         return cls(start_iter=start, period=g.PERIOD, window=g.WINDOW, min_emb_std_fraction=g.MIN_EMB_STD_FRACTION,
                    min_emb_rank=g.MIN_EMB_RANK, min_chance_margin=g.MIN_CHANCE_MARGIN, min_sim_gap=g.MIN_SIM_GAP,
-                   repeat_period=g.REPEAT_PERIOD, stop=g.STOP)
+                   max_weight_norm_growth=g.MAX_WEIGHT_NORM_GROWTH, repeat_period=g.REPEAT_PERIOD, stop=g.STOP)
 
     def medians(self, storage, signal, iteration, only_loss=False):
         """{"loss", "emb_std", "emb_rank", "pos_sim", "neg_sim"}: median of each of ``signal``'s keys over the
@@ -271,6 +277,24 @@ class CollapseGuard(HookBase):
                         f"similar than negatives. {context}")))
         return problems
 
+    def check_weight_norms(self, storage, iteration):
+        """Stages grown past ``max_weight_norm_growth`` at ``iteration``: list of ("weight_growth", key,
+        message), from the last ratio each stage logged up to ``iteration`` (none when the limit is 0)."""
+        if self.max_weight_norm_growth <= 0:
+            return []
+        logged, problems = storage.histories(), []
+        for key in sorted(k for k in logged if k.startswith(WEIGHT_NORM_PREFIX)):
+            values = _logged_in_window(logged, key, iteration, iteration + 1)
+            if not values or values[-1][1] <= self.max_weight_norm_growth:
+                continue
+            ratio, stage = values[-1][1], key[len(WEIGHT_NORM_PREFIX):]
+            problems.append(("weight_growth", key, (
+                f"{key} = {ratio:.2f} is above {self.max_weight_norm_growth:g}: the {stage} conv weights are "
+                f"{ratio:.2f}x their norm at random initialisation, so a detector fine-tuned from them moves "
+                f"this stage ~{ratio * ratio:.0f}x more slowly than a fresh one (the step on a scale-invariant "
+                "weight's direction is ~lr / |w|^2)")))
+        return problems
+
     def _context(self, s, med):
         parts = [f"{name} {med[name]:.4g}" for name in self.SIGNALS if med[name] is not None]
         if s.chance is not None:
@@ -281,28 +305,33 @@ class CollapseGuard(HookBase):
         it = self.trainer.iter
         if it < self.start_iter or (it + 1) % self.period:
             return
-        problems = []
+        problems, growth = [], []
         if comm.is_main_process():
             model = _bare(self.trainer.model)
             signals = model.learning_signals() if hasattr(model, "learning_signals") else []
             problems = self.check(get_event_storage(), signals, it)
+            growth = self.check_weight_norms(get_event_storage(), it)
         if self.stop and comm.get_world_size() > 1:
             problems = comm.all_gather(problems)[0]  # rank 0's verdict, so that every rank stops
-        if not problems:
-            return
         lines = [f"{'COLLAPSED' if kind.startswith('collapse') else 'STALLED'} at iteration {it}: {msg}" for kind, _, msg in problems]
-        if self.stop:
+        if problems and self.stop:
             raise TrainingCollapsed("Pretraining stopped by TEST.REGIONSSL.GUARD.STOP:\n" + "\n".join(lines))
+        self._warn("this run is not learning", problems, lines, it,
+                   "STOP True stops such runs, ENABLED False silences this")
+        self._warn("these weights will fine-tune slowly", growth, [f"GREW at iteration {it}: {msg}" for *_, msg in growth],
+                   it, "lower SOLVER.BASE_LR or lengthen SOLVER.WARMUP_ITERS; MAX_WEIGHT_NORM_GROWTH 0 silences this")
+
+    def _warn(self, title, problems, lines, it, remedy):
+        """Log the lines of the problems not warned about in the last ``repeat_period`` iterations."""
         fresh = []
-        for (kind, loss, _), line in zip(problems, lines):
-            if it - self._last_warned.get((kind, loss), -math.inf) >= self.repeat_period:
-                self._last_warned[(kind, loss)] = it
+        for (kind, key, _), line in zip(problems, lines):
+            if it - self._last_warned.get((kind, key), -math.inf) >= self.repeat_period:
+                self._last_warned[(kind, key)] = it
                 fresh.append(line)
         if fresh:
             logger.warning(
-                "regionssl guard: this run is not learning\n  " + "\n  ".join(fresh)
-                + "\n  (TEST.REGIONSSL.GUARD: STOP True stops such runs, ENABLED False silences this; "
-                f"repeated at most every {self.repeat_period} iterations)"
+                f"regionssl guard: {title}\n  " + "\n  ".join(fresh)
+                + f"\n  (TEST.REGIONSSL.GUARD: {remedy}; repeated at most every {self.repeat_period} iterations)"
             )
 
 
@@ -364,6 +393,8 @@ class LoaderWaitWarning(HookBase):
 
 def build_pretrain_hooks(cfg, trainer):
     hooks = [SkippedFilesHook(cfg.OUTPUT_DIR)]
+    if cfg.TEST.REGIONSSL.WEIGHT_NORM_PERIOD > 0:  # before the guard, which reads what it logs
+        hooks.append(WeightNormMonitor(trainer.model, cfg.TEST.REGIONSSL.WEIGHT_NORM_PERIOD))
     if cfg.TEST.REGIONSSL.LOADER_WAIT.MAX_FRACTION > 0:
         hooks.append(LoaderWaitWarning.from_config(cfg))
     if cfg.TEST.REGIONSSL.GUARD.ENABLED:
