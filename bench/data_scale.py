@@ -155,16 +155,17 @@ def _as_worker(worker, workers):
     torch.utils.data.get_worker_info = lambda: info
 
 
-def _first_index(path, size, worker, workers, chunk, skip):
-    """The first index of a worker's share: ours by arithmetic, Detectron2's by per-slot iteration."""
+def _first_batch(path, size, worker, workers, chunk, skip):
+    """The indices of a worker's first batch (``chunk`` of them): ours by arithmetic, Detectron2's by
+    iterating the stream in each of the ``chunk`` slots."""
+    import itertools
+
     if path == "ours":
         from regionssl.data.sampler import ResumableTrainingSampler
 
         s = ResumableTrainingSampler(size, seed=0)
         s.resume(0, skip)
-        return next(s.worker_stream(worker, workers, chunk))
-    import itertools
-
+        return list(itertools.islice(s.worker_stream(worker, workers, chunk), chunk))
     from detectron2.data.common import _shard_iterator_dataloader_worker
     from detectron2.data.samplers import TrainingSampler
 
@@ -174,7 +175,7 @@ def _first_index(path, size, worker, workers, chunk, skip):
                                         self._world_size)
 
     _as_worker(worker, workers)
-    return next(iter(_shard_iterator_dataloader_worker(Skipping(size, seed=0), chunk)))
+    return list(itertools.islice(_shard_iterator_dataloader_worker(Skipping(size, seed=0), chunk), chunk))
 
 
 def child_inproc(a):
@@ -186,6 +187,10 @@ def child_inproc(a):
     from regionssl.data.build import get_pretrain_dataset_dicts  # noqa: F401
     from regionssl.data.sampler import ResumableTrainingSampler  # noqa: F401
 
+    import gc
+
+    gc.collect()
+    gc.freeze()  # the forks' garbage collector leaves the parent's objects (and their pages) alone
     size, out = a["size"], {"listing": {}, "sampler": {}, "resume": {}}
     for name, fn in (("ours_cold", functools.partial(_list_ours, a["root"], a["cache"])),
                      ("ours_cached", functools.partial(_list_ours, a["root"], a["cache"])),
@@ -196,14 +201,14 @@ def child_inproc(a):
         for chunk in (32, 256):
             if path == "detectron2" and size * chunk > a["max_detectron2_slots"]:
                 continue
-            _, seconds, peak = _in_fork(functools.partial(_first_index, path, size, 0, 8, chunk, 0))
+            _, seconds, peak = _in_fork(functools.partial(_first_batch, path, size, 0, 8, chunk, 0))
             out["sampler"][f"{path}_b{chunk}"] = {"peak_growth_mib": peak, "bytes_per_image": peak * 2**20 / size,
                                                   "seconds": seconds}
     for epoch in a["epochs"]:
-        _, seconds, peak = _in_fork(functools.partial(_first_index, "ours", size, 3, 8, 32, epoch * size + 5))
+        _, seconds, peak = _in_fork(functools.partial(_first_batch, "ours", size, 3, 8, 32, epoch * size + 5))
         out["resume"][f"ours_epoch{epoch}"] = {"seconds": seconds, "peak_growth_mib": peak}
     for epoch in (0, 1):
-        _, seconds, peak = _in_fork(functools.partial(_first_index, "detectron2", size, 3, 8, 32, epoch * size + 5))
+        _, seconds, peak = _in_fork(functools.partial(_first_batch, "detectron2", size, 3, 8, 32, epoch * size + 5))
         out["resume"][f"detectron2_epoch{epoch}"] = {"seconds": seconds, "peak_growth_mib": peak}
     return out
 
@@ -339,21 +344,24 @@ def _fmt(x, digits=1):
 
 
 def measure(args):
-    results = {"machine": f"{os.cpu_count()} CPUs", "workers": args.workers, "batch": args.batch, "sizes": {}}
+    results = {"machine": f"{os.cpu_count()} CPUs", "workers": args.workers, "batch": args.batch, "nofile": args.nofile,
+               "sizes": {}}
     if os.path.exists(os.path.splitext(args.out)[0] + ".json"):  # add to the sizes measured before
         with open(os.path.splitext(args.out)[0] + ".json") as f:
             results = json.load(f)
-    for size in args.sizes if "sizes" in args.stages else ():
+    for size in args.sizes:
         root = build_tree(os.path.join(args.root, f"tree_{size}"), size, args.classes)
         cache = tempfile.mkdtemp(prefix="listing-cache-", dir=args.root)
-        r = results["sizes"][str(size)] = {}
+        r = results["sizes"].setdefault(str(size), {})
         print(f"[data_scale] {size} files", flush=True)
-        r.update(run_child("inproc", {"root": root, "cache": cache, "size": size, "epochs": args.epochs,
-                                      "max_detectron2_slots": args.max_detectron2_slots}))
+        if "inproc" in args.stages:
+            r.update(run_child("inproc", {"root": root, "cache": cache, "size": size, "epochs": args.epochs,
+                                          "max_detectron2_slots": args.max_detectron2_slots}))
         loader = {"root": root, "cache": cache, "workers": args.workers, "batch": args.batch, "batches": args.batches,
                   "nofile": args.nofile, "pause": args.pause}
-        r["loader"] = {p: run_child("loader", dict(loader, path=p)) for p in ("ours", "detectron2", "imagefolder")
-                       if p != "detectron2" or size * args.batch <= args.max_detectron2_slots}
+        if "loader" in args.stages:
+            r["loader"] = {p: run_child("loader", dict(loader, path=p)) for p in ("ours", "detectron2", "imagefolder")
+                           if p != "detectron2" or size * args.batch <= args.max_detectron2_slots}
         print(json.dumps(r, indent=1), flush=True)
         _save(results, args.out)  # what is measured so far survives a later failure
     if "launch" not in args.stages:
@@ -374,44 +382,70 @@ def _save(results, out):
         json.dump(results, f, indent=1)
 
 
+def _rows(results, key):
+    """(size, that size's ``key`` results) for the sizes measured with ``key``, ascending."""
+    return [(int(n), r[key]) for n, r in sorted(results["sizes"].items(), key=lambda kv: int(kv[0])) if key in r]
+
+
+def _slope(rows, key, field):
+    """MiB -> bytes per added image of ``field`` between the smallest and the largest size."""
+    pts = [(n, x[key][field]) for n, x in rows if key in x and field in x[key]]
+    if len(pts) < 2:
+        return None
+    (n0, a), (n1, b) = pts[0], pts[-1]
+    return (b - a) * 2**20 / (n1 - n0)
+
+
 def report(results):
     w, b = results["workers"], results["batch"]
     lines = [f"# Data path at scale ({results['machine']}; {w} workers x {b} images per worker batch)", "",
-             "Measured by `bench/data_scale.py` on hard-linked 500x375 JPEGs in 1000 class folders; each number from "
-             "a fresh process. *ours*: `build_pretrain_train_loader`; *detectron2*: Detectron2's "
-             "`build_detection_train_loader` + `TrainingSampler` with the same mapper (the loader before); "
-             "*imagefolder*: torchvision `ImageFolder` + `DistributedSampler` + `DataLoader` (two crops).", ""]
-    lines += ["## Listing (seconds; peak memory growth MiB)", "", "| files | ours, no cache | ours, cached | ImageFolder |",
-              "|---:|---:|---:|---:|"]
-    for size, r in results["sizes"].items():
-        cells = [f"{_fmt(x.get('seconds'), 2)} s; {_fmt(x.get('peak_growth_mib'), 0)}" for x in r["listing"].values()]
-        lines.append(f"| {int(size):,} | " + " | ".join(cells) + " |")
-    lines += ["", "## Sampler memory of one loader worker (peak growth, bytes per image)", "",
-              "| files | ours, 32/batch | ours, 256/batch | detectron2, 32/batch | detectron2, 256/batch |",
-              "|---:|---:|---:|---:|---:|"]
-    for size, r in results["sizes"].items():
-        s = r["sampler"]
-        cells = [_fmt(s.get(k, {}).get("bytes_per_image")) for k in ("ours_b32", "ours_b256", "detectron2_b32", "detectron2_b256")]
-        lines.append(f"| {int(size):,} | " + " | ".join(cells) + " |")
-    epochs = sorted({int(k.split("epoch")[1]) for r in results["sizes"].values() for k in r["resume"] if k.startswith("ours")})
-    lines += ["", "## Resume: seconds until a worker has its first index at epoch k", "",
-              "| files | " + " | ".join(f"ours, epoch {e}" for e in epochs)
-              + " | detectron2, epoch 0 | detectron2, epoch 1 | detectron2, epoch 100 (extrapolated) |",
-              "|---:|" + "---:|" * (len(epochs) + 3)]
-    for size, r in results["sizes"].items():
-        cells = [_fmt(r["resume"][f"ours_epoch{e}"].get("seconds"), 3) for e in epochs]
-        d0, d1 = (r["resume"][f"detectron2_epoch{e}"].get("seconds") for e in (0, 1))
-        cells += [_fmt(d0, 2), _fmt(d1, 2), _fmt(d0 + 100 * (d1 - d0), 0)]
-        lines.append(f"| {int(size):,} | " + " | ".join(cells) + " |")
-    lines += ["", f"## Loader: {w} workers x {b} images, ulimit -n as set", "",
-              "| files | loader | ok | worker USS MiB (max) | worker PSS MiB (mean) | main RSS MiB | main fds (max) | "
-              "start to 1st batch s | worker start spread s |", "|---:|---|---|---:|---:|---:|---:|---:|---:|"]
-    for size, r in results["sizes"].items():
-        for p, x in r["loader"].items():
-            main = x.get("main", {})
-            lines.append(f"| {int(size):,} | {p} | {'yes' if x.get('ok') else x.get('error', 'no')} | "
-                         f"{_fmt(x.get('worker_uss_mib'))} | {_fmt(x.get('worker_pss_mib'))} | {_fmt(main.get('rss'), 0)} | "
-                         f"{x.get('main_fds_max', '-')} | {_fmt(x.get('first_batch_s'), 2)} | {_fmt(x.get('worker_start_spread_s'), 2)} |")
+             "Measured by `bench/data_scale.py` on hard-linked 500x375 JPEGs in 1000 class folders. *ours*: "
+             "`build_pretrain_train_loader`; *detectron2*: Detectron2's `build_detection_train_loader` + "
+             "`TrainingSampler` with the same MoCo-v2 mapper (the loader before); *imagefolder*: torchvision "
+             "`ImageFolder` + `DistributedSampler` + `DataLoader` (two RandomResizedCrop views). Seconds are wall "
+             "time on a shared machine: compare within a row.", ""]
+    listing = _rows(results, "listing")
+    if listing:
+        lines += ["## Listing (seconds; peak memory growth MiB)", "",
+                  "| files | ours, no cache | ours, cached | ImageFolder |", "|---:|---:|---:|---:|"]
+        for n, x in listing:
+            cells = [f"{_fmt(x[k].get('seconds'), 2)}; {_fmt(x[k].get('peak_growth_mib'), 0)}"
+                     for k in ("ours_cold", "ours_cached", "imagefolder")]
+            lines.append(f"| {n:,} | " + " | ".join(cells) + " |")
+    sampler = _rows(results, "sampler")
+    if sampler:
+        keys = ("ours_b32", "ours_b256", "detectron2_b32", "detectron2_b256")
+        lines += ["", "## Sampler of one loader worker (worker 0 of 8): peak memory growth (MiB) for its first batch", "",
+                  "| files | ours, 32/batch | ours, 256/batch | detectron2, 32/batch | detectron2, 256/batch |",
+                  "|---:|---:|---:|---:|---:|"]
+        for n, x in sampler:
+            lines.append(f"| {n:,} | " + " | ".join(_fmt(x.get(k, {}).get("peak_growth_mib")) for k in keys) + " |")
+        lines.append("| bytes per added image | " + " | ".join(_fmt(_slope(sampler, k, "peak_growth_mib")) for k in keys)
+                     + " |")
+    resume = _rows(results, "resume")
+    if resume:
+        epochs = sorted({int(k.split("epoch")[1]) for _, x in resume for k in x if k.startswith("ours")})
+        lines += ["", "## Resume: seconds until worker 3 of 8 has its first batch of 32 indices at epoch k", "",
+                  "| files | " + " | ".join(f"ours, epoch {e}" for e in epochs)
+                  + " | detectron2, epoch 0 | detectron2, epoch 1 | detectron2, epoch 100 (linear) |",
+                  "|---:|" + "---:|" * (len(epochs) + 3)]
+        for n, x in resume:
+            cells = [_fmt(x[f"ours_epoch{e}"].get("seconds"), 2) for e in epochs]
+            d0, d1 = (x[f"detectron2_epoch{e}"].get("seconds") for e in (0, 1))
+            cells += [_fmt(d0, 2), _fmt(d1, 2), _fmt(None if d0 is None or d1 is None else d0 + 100 * (d1 - d0), 0)]
+            lines.append(f"| {n:,} | " + " | ".join(cells) + " |")
+    loader = _rows(results, "loader")
+    if loader:
+        lines += ["", f"## Loader: {w} workers x {b} images under `ulimit -n {results.get('nofile', 1024)}`", "",
+                  "| files | loader | ran | worker USS MiB (max) | worker PSS MiB (mean) | main RSS MiB | main fds (max) | "
+                  "start to 1st batch s | worker start spread s |", "|---:|---|---|---:|---:|---:|---:|---:|---:|"]
+        for n, x in loader:
+            for p, y in x.items():
+                main = y.get("main", {})
+                lines.append(f"| {n:,} | {p} | {'yes' if y.get('ok') else y.get('error', 'no')} | "
+                             f"{_fmt(y.get('worker_uss_mib'))} | {_fmt(y.get('worker_pss_mib'))} | {_fmt(main.get('rss'), 0)} | "
+                             f"{y.get('main_fds_max', '-')} | {_fmt(y.get('first_batch_s'), 1)} | "
+                             f"{_fmt(y.get('worker_start_spread_s'), 2)} |")
     la = results.get("launch")
     if la:
         lines += ["", f"## Two processes (`--num-gpus 2` on CPU), {la['workers']} workers each, {la['size']:,} files", "",
@@ -441,7 +475,8 @@ def main(argv=None):
     ap.add_argument("--max-detectron2-slots", type=float, default=1.1e7,
                     help="skip Detectron2's loader where files x batch exceeds this (40 B each per worker)")
     ap.add_argument("--out", default=os.path.join(BENCH, "DATA_SCALE.md"))
-    ap.add_argument("--stages", nargs="+", default=["sizes", "launch"], choices=["sizes", "launch"])
+    ap.add_argument("--stages", nargs="+", default=["inproc", "loader", "launch"], choices=["inproc", "loader", "launch"],
+                    help="inproc: listing, sampler memory, resume; loader: the three loaders; launch: two processes")
     ap.add_argument("--report-only", action="store_true", help="rewrite the Markdown from the saved JSON")
     ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)

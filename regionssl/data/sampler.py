@@ -68,7 +68,8 @@ def worker_positions(begin, end, worker, num_workers, chunk):
     first = begin // period * period + worker * chunk  # this worker's chunk in begin's period
     starts = np.arange(first, end, period, dtype=np.int64)
     positions = (starts[:, None] + np.arange(chunk, dtype=np.int64)).ravel()
-    return positions[(positions >= begin) & (positions < end)]
+    # ascending: only the first and the last chunk can stick out of [begin, end); a view, no mask
+    return positions[np.searchsorted(positions, begin) : np.searchsorted(positions, end)]
 
 
 class ResumableTrainingSampler(TrainingSampler):
@@ -172,8 +173,8 @@ class ResumableTrainingSampler(TrainingSampler):
         ``skip`` on, cut into chunks of ``chunk`` taken by the workers in turn (Detectron2's
         ``ToIterableDataset`` sharding with ``shard_chunk_size=chunk``). Infinite iterator of ints.
 
-        Memory: one epoch's array (4 B per image) while the worker's share of it is selected, then
-        that share (8 B per image / (world size x workers)).
+        Memory: one epoch's array (4 B per image) while the worker's share of it is selected (8 B
+        per image of the share: 8 B / (world size x workers) per image), then that share.
         """
         r, w, n = self._rank, self._world_size, self.epoch_length
         epoch = self._first_epoch()
@@ -184,7 +185,10 @@ class ResumableTrainingSampler(TrainingSampler):
             k_begin = max(self.skip, _ceil_div(begin - r, w))
             k_end = _ceil_div(end - r, w)
             mine = worker_positions(k_begin - self.skip, k_end - self.skip, worker, num_workers, chunk)
-            indices = self._draw_epoch(g)[r + (mine + self.skip) * w - begin]
+            mine += self.skip  # in place: positions in the epoch's array are r + (j + skip) w - begin
+            mine *= w
+            mine += r - begin
+            indices = self._draw_epoch(g)[mine]
             del mine
             for i in range(0, len(indices), block):
                 yield from indices[i : i + block].tolist()
