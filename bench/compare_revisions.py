@@ -3,8 +3,7 @@
 Exports ``--base`` (a git revision) into a temporary folder, then runs the same benchmark script
 from that tree and from this working tree alternately (base, this, this, base, ...: the order
 flips every round, so a slow phase of a shared machine hits both), ``--rounds`` times each, one
-benchmark round per run. Each side imports its own ``regionssl`` (the scripts put their tree first
-on ``sys.path``). Reported per row of the benchmark: the median over runs of each side and the
+benchmark round per run. Each side imports its own ``regionssl`` (its tree first on ``PYTHONPATH``). Reported per row of the benchmark: the median over runs of each side and the
 median of the paired per-round ratios this / base (> 1: this tree is faster for throughputs,
 slower for times).
 
@@ -49,7 +48,8 @@ def parse(bench, text):
 
 def run(tree, bench, args):
     script, fixed = BENCHES[bench][:2]
-    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    path = os.pathsep.join(p for p in (tree, os.environ.get("PYTHONPATH")) if p)  # before the installed copy
+    env = dict(os.environ, PYTHONWARNINGS="ignore", PYTHONPATH=path)
     out = subprocess.run([sys.executable, os.path.join(tree, script)] + fixed + args, cwd=tree, env=env,
                          capture_output=True, text=True, check=True)
     return parse(bench, out.stdout)

@@ -21,7 +21,7 @@ or the image's bytes. Every measurement runs in its own fresh process:
 * launch: ``--num-gpus 2`` on CPU (two gloo processes via Detectron2's ``launch``): per process,
   the spread of its workers' start times and the time from launch to its first batch.
 
-    python bench/data_scale.py --sizes 10000 100000 300000 --out bench/DATA_SCALE.md
+    python bench/data_scale.py --sizes 10000 100000 300000 --batches 12   # -> docs/results/data_scale/
 """
 import argparse
 import json
@@ -474,7 +474,7 @@ def main(argv=None):
     ap.add_argument("--launch-workers", type=int, default=4)
     ap.add_argument("--max-detectron2-slots", type=float, default=1.1e7,
                     help="skip Detectron2's loader where files x batch exceeds this (40 B each per worker)")
-    ap.add_argument("--out", default=os.path.join(BENCH, "DATA_SCALE.md"))
+    ap.add_argument("--out", default=os.path.join(REPO, "docs", "results", "data_scale", "data_scale.md"))
     ap.add_argument("--stages", nargs="+", default=["inproc", "loader", "launch"], choices=["inproc", "loader", "launch"],
                     help="inproc: listing, sampler memory, resume; loader: the three loaders; launch: two processes")
     ap.add_argument("--report-only", action="store_true", help="rewrite the Markdown from the saved JSON")
@@ -485,6 +485,7 @@ def main(argv=None):
         print("RESULT " + json.dumps(CHILDREN[kind](json.loads(payload))), flush=True)
         return
     os.makedirs(args.root, exist_ok=True)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     if args.report_only:
         with open(os.path.splitext(args.out)[0] + ".json") as f:
             results = json.load(f)

@@ -15,18 +15,16 @@ repetition, so a noisy phase shows.
 import argparse
 import os
 import statistics
-import sys
 import time
 
 import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:0] = [REPO, os.path.join(REPO, "tools")]
-import regionssl  # noqa: E402,F401
-import detectron2.utils.events as events  # noqa: E402
-from build_tiny_datasets import register_tiny_datasets  # noqa: E402
-from detectron2.data import build_detection_test_loader  # noqa: E402
-from regionssl.engine import FinetuneTrainer, adapt_to_machine, get_regionssl_cfg  # noqa: E402
+import regionssl  # noqa: F401
+import detectron2.utils.events as events
+from regionssl_workbench.tiny_datasets import register_tiny_datasets
+from detectron2.data import build_detection_test_loader
+from regionssl.engine import FinetuneTrainer, adapt_to_machine, get_regionssl_cfg
 
 register_tiny_datasets()  # test data outside the package: `make bench`'s short run uses the tiny COCO set
 

@@ -11,14 +11,10 @@ ratio between worker counts; a worker's own rate is bench/mapper_throughput.py's
 import argparse
 import os
 import platform
-import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RECIPES = ["mocov2", "scrl", "resim_fpn", "swav", "insloc_fpn", "byol", "cvsa"]
 
 
 def main():
@@ -28,9 +24,12 @@ def main():
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--batches", type=int, default=6)
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--recipes", nargs="*", default=RECIPES)
+    ap.add_argument("--recipes", nargs="*", default=None, help="default: every recipe (regionssl_workbench.recipes)")
     args = ap.parse_args()
-    from mapper_throughput import make_photos
+    from regionssl_workbench.recipes import recipe_config, recipes
+    from regionssl_workbench.scripts import load_script
+
+    make_photos = load_script(os.path.join(REPO, "bench", "mapper_throughput.py")).make_photos
 
     from regionssl.data import build_pretrain_train_loader
     from regionssl.engine import get_regionssl_cfg
@@ -41,10 +40,10 @@ def main():
     print("|---|" + "---:|" * (len(args.workers) + 1))
     with tempfile.TemporaryDirectory() as tmp:
         make_photos(tmp, (w, h))
-        for recipe in args.recipes:
+        for recipe in args.recipes or recipes():
             rates = []
             for n in args.workers:
-                cfg = get_regionssl_cfg(os.path.join(REPO, f"configs/{recipe}.yaml"), [
+                cfg = get_regionssl_cfg(recipe_config(recipe), [
                     "DATASETS.TRAIN", f"('folder:{tmp}',)", "DATALOADER.NUM_WORKERS", n, "SOLVER.IMS_PER_BATCH", args.batch,
                     "SOLVER.REFERENCE_WORLD_SIZE", 0, "MODEL.DEVICE", "cpu"])
                 it = iter(build_pretrain_train_loader(cfg))

@@ -1,6 +1,6 @@
 """Where one sample's time goes: the stages of a mapper pipeline, timed on one core.
 
-Profile first, then optimise (issue #18): this wraps the data path's stage functions with timers
+Profile first, then optimise: this wraps the data path's stage functions with timers
 (exclusive time: a stage nested in another is not counted twice) and runs one pipeline of
 ``mapper_throughput.py`` over the same JPEG photos, then its same-style reference with the
 reference's decodes timed apart. It prints milliseconds per sample by stage, and what the JPEG
@@ -25,8 +25,9 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import cv2  # noqa: E402
 import torch  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import mapper_throughput as throughput  # noqa: E402
+from regionssl_workbench.scripts import load_script  # noqa: E402
+
+throughput = load_script(os.path.join(os.path.dirname(os.path.abspath(__file__)), "mapper_throughput.py"))
 
 from detectron2.data import transforms as T  # noqa: E402
 

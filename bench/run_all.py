@@ -2,13 +2,13 @@
 """Run every benchmark under ``bench/`` with short settings; write each one's report to a file.
 
     python bench/run_all.py                    # short settings (a few minutes on 2 cores)
-    python bench/run_all.py --full             # the settings the numbers in README / bench/*.md used
+    python bench/run_all.py --full             # the settings of the figures in docs/performance.md
     python bench/run_all.py --out output/bench --only mapper
 
 Each benchmark runs as its own process (it pins CPUs and thread counts for itself), one after
 the other, never in parallel: the ratios they report are only meaningful on an otherwise quiet
 core. Short settings give rough ratios for a smoke check; quote numbers only from ``--full`` runs
-(see ``bench/RESULTS.md`` and ``bench/STEP_RESULTS.md`` for what they mean).
+(see ``docs/performance.md`` for what they mean).
 """
 import argparse
 import os

@@ -26,27 +26,21 @@ import argparse
 import os
 import platform
 import statistics
-import sys
 import time
 from collections import defaultdict
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import regionssl  # noqa: E402,F401
-from detectron2.modeling import build_model  # noqa: E402
-from fvcore.nn import FlopCountAnalysis  # noqa: E402
-from regionssl.data.build import get_pretrain_dataset_dicts  # noqa: E402
-from regionssl.data.mapper import RegionSSLDatasetMapper  # noqa: E402
-from regionssl.engine import PretrainTrainer, get_regionssl_cfg  # noqa: E402
-from regionssl.modeling.encoders import C4Encoder, FPNEncoder  # noqa: E402
+import regionssl  # noqa: F401
+from detectron2.modeling import build_model
+from fvcore.nn import FlopCountAnalysis
+from regionssl.data.build import get_pretrain_dataset_dicts
+from regionssl.data.mapper import RegionSSLDatasetMapper
+from regionssl.engine import PretrainTrainer, get_regionssl_cfg
+from regionssl.modeling.encoders import C4Encoder, FPNEncoder
+from regionssl_workbench.recipes import recipe_config, recipes
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MODELS = {
-    "MoCo-v2": "configs/mocov2.yaml", "InsLoc-C4": "configs/insloc_c4.yaml", "InsLoc-FPN": "configs/insloc_fpn.yaml",
-    "ReSim-C4": "configs/resim_c4.yaml", "ReSim-FPN": "configs/resim_fpn.yaml", "SCRL": "configs/scrl.yaml",
-    "SwAV": "configs/swav.yaml", "CVSA": "configs/cvsa.yaml", "BYOL": "configs/byol.yaml",
-}
+BASE = "mocov2"  # every step is compared with MoCo-v2's
 SECTIONS = ("q_backbone", "q_pool_head", "q_projector", "momentum_ema", "key_encoder", "loss_enqueue", "backward", "optimizer")
 
 
@@ -54,7 +48,7 @@ def build(name, size, batch):
     opts = ["MODEL.DEVICE", "cpu", "INPUT.REGIONSSL.CROP_SIZE", size, "DATASETS.TRAIN", "('regionssl_demo_images',)",
             "INPUT.REGIONSSL.COPY_PASTE.FG_SIZE", [size // 2, size - 1], "SOLVER.IMS_PER_BATCH", batch,
             "SOLVER.REFERENCE_WORLD_SIZE", 0]
-    cfg = get_regionssl_cfg(os.path.join(REPO, MODELS[name]), opts)  # one process: SyncBN runs as plain BN
+    cfg = get_regionssl_cfg(recipe_config(name), opts)  # one process: SyncBN runs as plain BN
     torch.manual_seed(0)
     model = build_model(cfg).train()
     optimizer = PretrainTrainer.build_optimizer(cfg, model)
@@ -174,11 +168,11 @@ def main():
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per model first")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
-    parser.add_argument("--models", nargs="*", default=None, help=f"subset of {list(MODELS)} (MoCo-v2 always)")
+    parser.add_argument("--models", nargs="*", default=None, help=f"subset of {recipes()} (mocov2 always)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    names = ["MoCo-v2"] + [n for n in MODELS if n != "MoCo-v2" and (args.models is None or n in args.models)]
+    names = [BASE] + [n for n in recipes() if n != BASE and (args.models is None or n in args.models)]
     runs = {n: build(n, args.size, args.batch) for n in names}
     timers = {n: Timer(runs[n][1]) for n in names}
     for n in names:
@@ -195,7 +189,7 @@ def main():
                 sections[n][s].append(v)
         print(f"round {r}: " + ", ".join(f"{n} {times[n][-1]:.2f}s (CPU {cpus[n][-1]:.2f}s)" for n in names), flush=True)
 
-    base = "MoCo-v2"
+    base = BASE
     print(f"\n{platform.processor() or platform.machine()}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
           f"batch {args.batch}, {args.size}x{args.size} views, R50, K=65536, {args.rounds} rounds (median)")
     macs = {n: step_macs(runs[n][1], runs[n][3]) for n in names}

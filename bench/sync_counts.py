@@ -3,15 +3,15 @@
 Every method's ``*_instant_test.yaml`` with a ResNet-18 trunk and 64 px views is built into a
 ``PretrainTrainer`` (the real DDP wrapper, optimizer, hooks and metric writing); its first two
 steps, on 2 and on 3 images per process, are counted with
-:class:`regionssl.utils.host_reads.HostReadCounter` (what counts as a read, and how the CPU run
+:class:`regionssl_workbench.host_reads.HostReadCounter` (what counts as a read, and how the CPU run
 tells host from device tensors, is in its docstring). Loading the batch is not counted. SwAV's
 prototypes are frozen in the first step only, and its queue is used (full) in the second.
 
     python bench/sync_counts.py                  # prints the table, 1 and 2 processes
     python bench/sync_counts.py --where          # also where each read happens
-    python bench/sync_counts.py --out bench/SYNC_COUNTS.md --label after
+    python bench/sync_counts.py --out output/bench/sync_counts.md --label after
 
-``tests/test_gpu_readiness.py`` imports this file and asserts the budget.
+``tests/engine/test_gpu_readiness.py`` imports this file and asserts the budget.
 """
 import argparse
 import hashlib
@@ -19,26 +19,24 @@ import json
 import logging
 import os
 import random
-import sys
 import tempfile
 
 import numpy as np
 import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-import regionssl  # noqa: E402,F401
-from detectron2.engine import launch  # noqa: E402
-from detectron2.engine.launch import _find_free_port  # noqa: E402
-from detectron2.utils import comm  # noqa: E402
-from detectron2.utils.events import EventStorage  # noqa: E402
-from detectron2.utils.logger import setup_logger  # noqa: E402
-from regionssl.data.build import get_pretrain_dataset_dicts  # noqa: E402
-from regionssl.data.mapper import RegionSSLDatasetMapper  # noqa: E402
-from regionssl.engine import PretrainTrainer, adapt_to_machine, get_regionssl_cfg  # noqa: E402
-from regionssl.utils.host_reads import count_trainer_step  # noqa: E402
+import regionssl  # noqa: F401
+from detectron2.engine import launch
+from detectron2.engine.launch import _find_free_port
+from detectron2.utils import comm
+from detectron2.utils.events import EventStorage
+from detectron2.utils.logger import setup_logger
+from regionssl.data.build import get_pretrain_dataset_dicts
+from regionssl.data.mapper import RegionSSLDatasetMapper
+from regionssl.engine import PretrainTrainer, adapt_to_machine, get_regionssl_cfg
+from regionssl_workbench.host_reads import count_trainer_step
+from regionssl_workbench.recipes import instant_test, recipes
 
-QUICK = os.path.join(REPO, "configs", "quick_schedules")
 R18 = ["MODEL.RESNETS.DEPTH", 18, "MODEL.RESNETS.RES2_OUT_CHANNELS", 64]
 SMALL = ["MODEL.DEVICE", "cpu", "INPUT.REGIONSSL.CROP_SIZE", 64, "SOLVER.MAX_ITER", 1000,
          "SOLVER.CHECKPOINT_PERIOD", 100000, "VIS_PERIOD", 0, "TEST.REGIONSSL.PROBE_PERIOD", 0]
@@ -48,26 +46,23 @@ FPN = ["MODEL.FPN.OUT_CHANNELS", 64, "MODEL.ROI_BOX_HEAD.CONV_DIM", 64, "MODEL.R
 # queue written from the first step and full (used) from the second
 SWAV = ["INPUT.REGIONSSL.MULTI_CROP.SIZES", [64, 32], "MODEL.REGIONSSL.SWAV.QUEUE_START_ITER", 0,
         "MODEL.REGIONSSL.SWAV.QUEUE_LENGTH", 2]
-# name -> (config, extra options)
-METHODS = {
-    "InsLoc-C4": ("insloc_c4_instant_test.yaml", HEADS + ["INPUT.REGIONSSL.COPY_PASTE.FG_SIZE", [24, 60]]),
-    "InsLoc-FPN": ("insloc_fpn_instant_test.yaml", HEADS + FPN + ["INPUT.REGIONSSL.COPY_PASTE.FG_SIZE", [24, 60]]),
-    "ReSim-C4": ("resim_c4_instant_test.yaml", HEADS + ["INPUT.REGIONSSL.WINDOWS.SIZES", [24], "INPUT.REGIONSSL.WINDOWS.STRIDES", [16]]),
-    "ReSim-FPN": ("resim_fpn_instant_test.yaml", HEADS + FPN),
-    "SCRL": ("scrl_instant_test.yaml", HEADS + ["INPUT.REGIONSSL.INTERSECTION.MIN_SIZE", 16]),
-    "SwAV": ("swav_instant_test.yaml", HEADS + SWAV),
-    "SwAV-region": ("swav_region_instant_test.yaml", HEADS + SWAV),
-    "CVSA": ("cvsa_instant_test.yaml", HEADS),
-    "MoCo-v2": ("mocov2_instant_test.yaml", HEADS),
-    "BYOL": ("byol_instant_test.yaml", HEADS),
+# recipe -> options beyond HEADS that fit its views and regions to the 64 px crops (every recipe of
+# regionssl_workbench.recipes runs, from its instant-test config)
+SMALLER = {
+    "insloc_c4": ["INPUT.REGIONSSL.COPY_PASTE.FG_SIZE", [24, 60]],
+    "insloc_fpn": FPN + ["INPUT.REGIONSSL.COPY_PASTE.FG_SIZE", [24, 60]],
+    "resim_c4": ["INPUT.REGIONSSL.WINDOWS.SIZES", [24], "INPUT.REGIONSSL.WINDOWS.STRIDES", [16]],
+    "resim_fpn": FPN,
+    "scrl": ["INPUT.REGIONSSL.INTERSECTION.MIN_SIZE", 16],
+    "swav": SWAV,
+    "swav_region": SWAV,
 }
 SIZES = (2, 3)  # images per process of the two counted steps
 
 
 def method_cfg(name, out_dir, world_size=1):
-    config, extra = METHODS[name]
-    opts = R18 + SMALL + extra + ["SOLVER.IMS_PER_BATCH", max(SIZES) * world_size, "OUTPUT_DIR", out_dir]
-    return adapt_to_machine(get_regionssl_cfg(os.path.join(QUICK, config), opts), world_size)
+    opts = R18 + SMALL + HEADS + SMALLER.get(name, []) + ["SOLVER.IMS_PER_BATCH", max(SIZES) * world_size, "OUTPUT_DIR", out_dir]
+    return adapt_to_machine(get_regionssl_cfg(instant_test(name), opts), world_size)
 
 
 def mapped_batches(cfg, sizes, seed):
@@ -137,7 +132,7 @@ def run(names, processes):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--methods", nargs="*", default=list(METHODS))
+    parser.add_argument("--methods", nargs="*", default=recipes(), help="recipes (default: all)")
     parser.add_argument("--processes", nargs="*", type=int, default=[1, 2])
     parser.add_argument("--where", action="store_true", help="print where the reads happen")
     parser.add_argument("--out", help="append a markdown table to this file")

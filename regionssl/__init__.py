@@ -2,7 +2,7 @@
 
 Importing the package registers every pretraining meta-architecture, the fine-tuning heads the
 published protocols need, the view generators, region samplers and the built-in image-only datasets
-(test and demo data live outside the package: tools/build_tiny_datasets.py).
+(test and demo data live outside the package, in regionssl_workbench).
 """
 __version__ = "0.1.0"  # the one place the version is written (pyproject.toml reads it)
 

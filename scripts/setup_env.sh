@@ -6,9 +6,9 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${REGIONSSL_VENV:-$ROOT/.venv}"
 PY="${PYTHON:-python3.11}"
 command -v "$PY" >/dev/null 2>&1 || PY=python3
-STAMP="$VENV/.regionssl-setup-v4"  # bump when the installed set changes
+STAMP="$VENV/.regionssl-setup-v5"  # bump when the installed set changes
 
-if [[ -f "$STAMP" ]] && "$VENV/bin/python" -c "import detectron2, torch, torchvision, regionssl, simplejpeg" 2>/dev/null; then
+if [[ -f "$STAMP" ]] && "$VENV/bin/python" -c "import detectron2, torch, torchvision, regionssl, regionssl_workbench, simplejpeg" 2>/dev/null; then
   exit 0
 fi
 

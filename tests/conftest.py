@@ -1,7 +1,7 @@
 """Helpers shared by the test files, and the test data they need.
 
-* ``ROOT``, ``CONFIGS``, ``QS``: the repository, its configs and quick schedules; ``tools/`` is put
-  on ``sys.path`` so tests import the tools as modules.
+* ``ROOT``, ``CONFIGS``, ``QS``: the repository, its configs and quick schedules. Tests import the
+  scripts of ``tools/`` and ``bench/`` with ``regionssl_workbench.scripts.load_script``.
 * :func:`cfg_of` / :func:`qs_cfg`: a regionssl config on CPU.
 * :func:`launch_cpu`: N gloo processes through Detectron2's ``launch`` on a free local port.
 * :class:`Interrupt`: a hook that stops training after a given iteration (after its checkpoint).
@@ -12,7 +12,6 @@
 """
 import os
 import socket
-import sys
 
 import pytest
 from detectron2.engine import HookBase
@@ -20,9 +19,11 @@ from detectron2.engine import HookBase
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(ROOT, "configs")
 QS = os.path.join(CONFIGS, "quick_schedules")
-sys.path.insert(0, os.path.join(ROOT, "tools"))
+# A guard against hangs only (a subprocess, a gloo collective, a barrier, a local Slurm job): far above
+# any run's time on a busy machine, so that no test depends on the machine's speed or load.
+HANG_TIMEOUT = 3600  # seconds
 
-import build_tiny_datasets as tiny  # noqa: E402  (test data: not part of the regionssl package)
+from regionssl_workbench import tiny_datasets as tiny  # test data: not part of the regionssl package
 
 # Folder listings are cached under this run's temporary folder, never in the user's home
 # (a test of the cache sets its own folder).

@@ -17,7 +17,9 @@ from regionssl.checkpoint_import import UnplacedKeysError, import_checkpoint
 
 from conftest import QS, ROOT, cfg_of
 from test_spine import _check_handoff
-import import_checkpoint as import_tool  # tools/
+from regionssl_workbench.scripts import load_script
+
+import_tool = load_script("tools/import_checkpoint.py")
 
 FT = os.path.join(ROOT, "configs", "finetune")
 FPN_QS = os.path.join(QS, "finetune_coco_mask_rcnn_R_50_FPN_instant_test.yaml")

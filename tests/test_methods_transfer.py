@@ -10,22 +10,25 @@ from detectron2.utils.events import EventStorage
 import regionssl  # noqa: F401
 from regionssl.checkpoint import to_trunk_relative
 from regionssl.engine import FinetuneTrainer, PretrainTrainer
+from regionssl_workbench.recipes import instant_test, recipes
 
 from conftest import qs_cfg
+
+pytestmark = pytest.mark.slow  # every method pretrains, then a detector fine-tunes from it
+
 FPN = "finetune_coco_mask_rcnn_R_50_FPN_instant_test.yaml"
 C4 = "finetune_coco_mask_rcnn_R_50_C4_instant_test.yaml"
 
-METHODS = [
-    ("insloc_fpn_instant_test.yaml", FPN, ["backbone.fpn_", "roi_heads.box_head."]),
-    ("insloc_c4_instant_test.yaml", C4, []),
-    ("mocov2_instant_test.yaml", FPN, []),
-    ("scrl_instant_test.yaml", FPN, []),
-    ("byol_instant_test.yaml", FPN, []),
-    ("resim_fpn_instant_test.yaml", FPN, ["backbone.fpn_lateral3.weight", "backbone.fpn_output4.weight"]),
-    ("resim_c4_instant_test.yaml", C4, []),
-    ("swav_instant_test.yaml", FPN, []),
-    ("cvsa_instant_test.yaml", FPN, []),
-]
+# recipe -> (detector protocol, parts beyond the trunk the detector must receive); every other
+# recipe of the roster: the FPN protocol, the trunk only
+PROTOCOLS = {
+    "insloc_fpn": (FPN, ["backbone.fpn_", "roi_heads.box_head."]),
+    "insloc_c4": (C4, []),
+    "resim_fpn": (FPN, ["backbone.fpn_lateral3.weight", "backbone.fpn_output4.weight"]),
+    "resim_c4": (C4, []),
+}
+assert set(PROTOCOLS) <= set(recipes())
+METHODS = [(instant_test(r), *PROTOCOLS.get(r, (FPN, []))) for r in recipes()]
 
 
 def _cfg(name, out, *opts):
@@ -34,7 +37,7 @@ def _cfg(name, out, *opts):
     return cfg
 
 
-@pytest.mark.parametrize("pre,fine,extra", METHODS, ids=[m[0].replace("_instant_test.yaml", "") for m in METHODS])
+@pytest.mark.parametrize("pre,fine,extra", METHODS, ids=recipes())
 def test_pretrain_then_finetune(pre, fine, extra, tmp_path):
     pre_cfg = _cfg(pre, tmp_path / "pre", "SOLVER.MAX_ITER", "2", "SOLVER.CHECKPOINT_PERIOD", "100")
     trainer = PretrainTrainer(pre_cfg)

@@ -1,4 +1,5 @@
-"""The package: one version, declared dependencies, licence, and no test data on its import path."""
+"""The package: one version, declared dependencies (setup.py defers to pyproject.toml), licence, and no
+test data on its import path."""
 import ast
 import importlib.metadata
 import os
@@ -9,7 +10,7 @@ import tomllib
 
 import regionssl
 
-from conftest import ROOT
+from conftest import HANG_TIMEOUT, ROOT
 
 
 def _pyproject():
@@ -27,8 +28,19 @@ def test_one_version():
     assert "version" in project["project"]["dynamic"] and "version" not in project["project"]
     assert project["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "regionssl.__version__"}
     assert re.fullmatch(r"\d+\.\d+\.\d+", regionssl.__version__)
-    # written once in the repository: no setup.py / setup.cfg repeating it
-    assert not os.path.exists(os.path.join(ROOT, "setup.py")) and not os.path.exists(os.path.join(ROOT, "setup.cfg"))
+    assert not os.path.exists(os.path.join(ROOT, "setup.cfg"))
+
+
+def test_setup_py_defers_to_pyproject():
+    """setup.py is one bare ``setup()`` call: metadata and dependencies are read from pyproject.toml."""
+    with open(os.path.join(ROOT, "setup.py")) as f:
+        tree = ast.parse(f.read())
+    calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call)]
+    assert [(c.func.id, c.args, c.keywords) for c in calls] == [("setup", [], [])]
+    r = subprocess.run([sys.executable, "setup.py", "--name", "--version"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=HANG_TIMEOUT)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split()[-2:] == [_pyproject()["project"]["name"], regionssl.__version__]
 
 
 def test_license_is_apache_2_like_detectron2():
@@ -61,11 +73,13 @@ def test_every_third_party_import_is_a_declared_dependency():
     extras = {_dist(r) for reqs in project["optional-dependencies"].values() for r in reqs}
     providers = importlib.metadata.packages_distributions()
     missing = {}
-    for module in _imported_modules(os.path.join(ROOT, "regionssl")):
-        if module in sys.stdlib_module_names or module == "regionssl":
+    # both installed packages: the library and the workbench beside it
+    imported = _imported_modules(os.path.join(ROOT, "regionssl")) | _imported_modules(os.path.join(ROOT, "regionssl_workbench"))
+    for module in imported:
+        if module in sys.stdlib_module_names or module in ("regionssl", "regionssl_workbench"):
             continue
         dists = {d.lower().replace("_", "-") for d in providers.get(module, [])}
-        assert dists, f"regionssl imports {module!r}, which no installed distribution provides"
+        assert dists, f"regionssl or its workbench imports {module!r}, which no installed distribution provides"
         if "detectron2" in module:  # not on PyPI: installed first (README "Installing Detectron2")
             continue
         if not dists & (declared | extras):
@@ -90,10 +104,10 @@ def test_requirements_split_runtime_and_test():
 def test_importing_regionssl_registers_no_test_data():
     code = ("import sys, regionssl\nfrom detectron2.data import DatasetCatalog\n"
             "print(sorted(n for n in DatasetCatalog.list() if n.startswith('regionssl_')))\n"
-            "print('build_tiny_datasets' in sys.modules)\n")
-    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+            "print(sorted(n for n in sys.modules if n.split('.')[0] == 'regionssl_workbench'))\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=HANG_TIMEOUT)
     assert r.returncode == 0, r.stderr[-2000:]
-    names, tool_imported = r.stdout.strip().splitlines()[-2:]
-    assert "regionssl_tiny" not in names and tool_imported == "False"
+    names, workbench_modules = r.stdout.strip().splitlines()[-2:]
+    assert "regionssl_tiny" not in names and workbench_modules == "[]"  # the library never imports the workbench
     # the built-in image-only datasets stay registered (lazily)
     assert "regionssl_demo_images_train" in names and "regionssl_photos_train" in names

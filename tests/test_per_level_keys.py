@@ -1,5 +1,5 @@
 """Per-level list settings of the wrong length stop at build time with a message naming the key
-(they used to be replaced silently, e.g. LEVEL_WEIGHTS by all ones)."""
+(never replaced silently, e.g. LEVEL_WEIGHTS by all ones)."""
 import pytest
 from detectron2.modeling import build_model
 from PIL import Image

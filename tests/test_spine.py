@@ -14,8 +14,10 @@ from detectron2.modeling import build_model
 import regionssl  # noqa: F401
 from regionssl.checkpoint import FormatTag, RegionSSLCheckpointer
 
-from conftest import QS, ROOT, cfg_of
-from convert_to_detectron2 import convert  # tools/
+from conftest import HANG_TIMEOUT, QS, ROOT, cfg_of
+from regionssl_workbench.scripts import load_script
+
+convert = load_script("tools/convert_to_detectron2.py").convert
 
 
 ALL_CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "**", "*.yaml"), recursive=True))
@@ -133,12 +135,13 @@ def test_converted_pkl_loads_into_stock_detectron2(pre, fine, opts, extra, tmp_p
     _check_handoff(pre_model, det, extra)
 
 
-def _run(args, timeout=600):
+def _run(args, timeout=HANG_TIMEOUT):
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     return subprocess.run([sys.executable, os.path.join(ROOT, "train_net.py")] + args, cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.slow
 def test_missing_weights_file_is_named(tmp_path):
     r = _run(["--config-file", os.path.join(QS, "finetune_coco_mask_rcnn_R_50_FPN_instant_test.yaml"),
               "MODEL.WEIGHTS", "/nonexistent/model_final.pth", "OUTPUT_DIR", str(tmp_path)])
@@ -146,6 +149,7 @@ def test_missing_weights_file_is_named(tmp_path):
     assert "MODEL.WEIGHTS='/nonexistent/model_final.pth' does not exist" in r.stderr
 
 
+@pytest.mark.slow
 def test_missing_dataset_folder_is_named(tmp_path):
     r = _run(["--config-file", os.path.join(QS, "mocov2_instant_test.yaml"),
               "DATASETS.TRAIN", "('folder:/nonexistent/images',)", "OUTPUT_DIR", str(tmp_path)])
@@ -153,6 +157,7 @@ def test_missing_dataset_folder_is_named(tmp_path):
     assert "Image folder '/nonexistent/images' does not exist" in r.stderr
 
 
+@pytest.mark.slow
 def test_two_process_cpu_pretraining_and_resume(tmp_path):
     """--num-gpus 2 on CPU runs two gloo processes; --resume continues at the saved iteration."""
     out = str(tmp_path / "run")
@@ -173,7 +178,7 @@ def test_two_process_cpu_pretraining_and_resume(tmp_path):
 
 def test_probe_command_line_takes_overrides_after_seeds():
     # Detectron2 users append config overrides at the end; --seeds must not swallow them.
-    from probe import parse_args
+    parse_args = load_script("tools/probe.py").parse_args
 
     args = parse_args(["--config-file", "c.yaml", "--seeds", "0", "1", "2", "MODEL.WEIGHTS", "w.pth"])
     assert args.seeds == [0, 1, 2] and args.opts == ["MODEL.WEIGHTS", "w.pth"]

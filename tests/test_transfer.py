@@ -4,14 +4,14 @@ import importlib.util
 import json
 import math
 import os
-import time
+import threading
 
 import pytest
 
 from regionssl import transfer
 
-import build_tiny_datasets as tiny  # tools/
-from conftest import ROOT as REPO
+from regionssl_workbench import tiny_datasets as tiny
+from conftest import HANG_TIMEOUT, ROOT as REPO
 
 FINETUNE = os.path.join(REPO, "configs", "quick_schedules", "finetune_coco_mask_rcnn_R_50_FPN_instant_test.yaml")
 PRETRAIN = os.path.join(REPO, "configs", "quick_schedules", "mocov2_instant_test.yaml")
@@ -55,6 +55,7 @@ def _mtimes(out):
             for d, _, files in os.walk(out) for f in files if not f.startswith("transfer.")}
 
 
+@pytest.mark.slow
 def test_outputs_have_one_row_per_model(bench):
     tool, out, result = bench
     assert result["done"]["pretrained"] == ["moco"]
@@ -88,6 +89,7 @@ def test_outputs_have_one_row_per_model(bench):
     assert ident["weights_sha1"] == transfer.file_sha1(str(out / "pretrain" / "moco" / "model_final.pth"))
 
 
+@pytest.mark.slow
 def test_rerun_reuses_every_run(bench):
     tool, out, _ = bench
     before = _mtimes(out)
@@ -96,6 +98,7 @@ def test_rerun_reuses_every_run(bench):
     assert _mtimes(out) == before  # nothing trained or rewritten
 
 
+@pytest.mark.slow
 def test_interrupted_run_resumes_without_retraining(bench):
     """A run whose metrics file is missing (e.g. stopped during evaluation) resumes from its last
     checkpoint with Detectron2's --resume: evaluated again, not trained again."""
@@ -110,6 +113,7 @@ def test_interrupted_run_resumes_without_retraining(bench):
     assert set(json.loads((run_dir / transfer.METRICS_FILE).read_text())["results"]) == {"bbox", "segm"}
 
 
+@pytest.mark.slow
 def test_report_only_tabulates_finished_runs_and_starts_nothing(bench):
     """--report-only on a benchmark with seed 0 done and seed 1 not started: one row per model with
     the seeds it has, nothing trained, pretrained or rewritten but the transfer.* outputs."""
@@ -125,31 +129,32 @@ def test_report_only_tabulates_finished_runs_and_starts_nothing(bench):
     tool.main(_argv(out, ["random", f"moco={PRETRAIN}"]))  # the outputs of the full benchmark again
 
 
+@pytest.mark.slow
 def test_jobs_run_side_by_side_with_threads_split(bench, tmp_path, monkeypatch):
-    """--jobs 2: the two seeds' fine-tunes overlap in time, each with cores // 2 torch threads; the
-    table is the same as one run after the other would write (same rows, every seed)."""
+    """--jobs 2: the two seeds' fine-tunes are in flight at once (each waits at a barrier for the
+    other before it runs), each with cores // 2 torch threads; the table is the same as one run
+    after the other would write (same rows, every seed)."""
     tool, _, _ = bench
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    calls, original = [], tool.run_train_net
+    both_started = threading.Barrier(2, timeout=HANG_TIMEOUT)  # broken (an error) if the runs were sequential
+    threads, original = [], tool.run_train_net
 
-    def timed(*args, **kwargs):
-        start = time.monotonic()
-        out = original(*args, **kwargs)
-        calls.append((start, time.monotonic(), args[5] if len(args) > 5 else kwargs.get("threads")))
-        return out
+    def together(*args, **kwargs):
+        both_started.wait()
+        threads.append(args[5] if len(args) > 5 else kwargs.get("threads"))
+        return original(*args, **kwargs)
 
-    monkeypatch.setattr(tool, "run_train_net", timed)
+    monkeypatch.setattr(tool, "run_train_net", together)
     result = tool.main(_argv(tmp_path, ["random"], seeds=("0", "1")) + ["--jobs", "2"])
     assert result["done"]["finetuned"] == [("random", 0), ("random", 1)]
-    (a_start, a_end, a_threads), (b_start, b_end, b_threads) = sorted(calls)
-    assert b_start < a_end  # side by side, not one after the other
-    assert a_threads == b_threads == max(1, (os.cpu_count() or 1) // 2)
+    assert threads == [max(1, (os.cpu_count() or 1) // 2)] * 2
     (model,) = json.loads((tmp_path / "transfer.json").read_text())["models"]
     assert list(model["runs"]) == ["0", "1"] and len(model["summary"]["box AP"]["values"]) == 2
     with pytest.raises(SystemExit, match="--jobs must be at least 1"):
         tool.main(_argv(tmp_path, ["random"]) + ["--jobs", "0"])
 
 
+@pytest.mark.slow
 def test_run_directory_of_another_config_stops_and_keeps_it(bench, capsys):
     tool, out, _ = bench
     before = _mtimes(out)

@@ -7,7 +7,7 @@ Photographic cut-outs with alpha masks from Debian's ``tuxpaint-stamps-default``
 with apt-get when missing, never copied into the repository) are pasted onto crops of real photos:
 training images on ``regionssl_photos_train`` (the pretraining pool), validation images on
 ``regionssl_photos_detval`` (photos no pretraining split contains). A cut-out file is used by one
-split only. Masks and boxes are exact by construction (regionssl/data/minidet.py). A second run
+split only. Masks and boxes are exact by construction (regionssl_workbench/minidet.py). A second run
 with the same inputs does nothing; ``--force`` rebuilds. Prints the instance counts per class.
 """
 import argparse
@@ -15,8 +15,6 @@ import os
 import shutil
 import subprocess
 import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a clone
 
 STAMPS_PACKAGE = "tuxpaint-stamps-default"
 STAMPS_ROOT = "/usr/share/tuxpaint/stamps"
@@ -56,7 +54,7 @@ def background_files(name):
 
 
 def main(argv=None):
-    from regionssl.data.minidet import CLASSES, build_minidet, default_root
+    from regionssl_workbench.minidet import CLASSES, build_minidet, default_root
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--root", default=None, help=f"output folder (default: {default_root()})")

@@ -13,12 +13,10 @@ when the method pretrains them. Saved as numpy arrays with ``matching_heuristics
 import argparse
 import os
 import pickle
-import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from regionssl.checkpoint import FORMAT_TAG, select_encoder, to_trunk_relative  # noqa: E402
+from regionssl.checkpoint import FORMAT_TAG, select_encoder, to_trunk_relative
 
 
 def convert(src, dst, encoder="online"):

@@ -13,11 +13,8 @@ first layout that places every key). A key no rule places stops the import and i
 """
 import argparse
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # convert_to_detectron2
-from regionssl.checkpoint_import import LAYOUTS, import_checkpoint  # noqa: E402
+from regionssl.checkpoint_import import LAYOUTS, import_checkpoint
 
 
 def _groups(keys):
@@ -45,8 +42,9 @@ def main(argv=None):
           f"  imported {len(result['converted'])} tensors ({_groups(result['converted'])})\n"
           f"  not transferred: {dropped}\n  -> {args.output}")
     if args.pkl:
-        from convert_to_detectron2 import convert
+        from regionssl_workbench.scripts import load_script
 
+        convert = load_script(os.path.join(os.path.dirname(os.path.abspath(__file__)), "convert_to_detectron2.py")).convert
         written, _ = convert(args.output, args.pkl)
         print(f"  -> {args.pkl} ({len(written)} tensors, Detectron2 name matching)")
     return result

@@ -3,7 +3,7 @@
 
     python tools/learning_report.py --output output/learning                 # every recipe, in order
     python tools/learning_report.py --output output/learning --only insloc_c4 mocov2
-    python tools/learning_report.py --output output/learning --report docs/learning   # table + curves
+    python tools/learning_report.py --output output/learning --report docs/results/learning   # table + curves
 
 For each recipe (``configs/quick_schedules/<name>_probe_demo.yaml``) it runs ``train_net.py`` in
 ``<output>/<name>`` (skipped when ``model_final.pth`` exists, resumed when a checkpoint exists), then
@@ -23,27 +23,18 @@ import subprocess
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+from regionssl_workbench.recipes import learning_recipes, probe_demo
 
-# name -> (config, extra options given the output root); CVSA's stage 2 starts from BYOL's stage 1
-RECIPES = {
-    "insloc_c4": ("insloc_c4_probe_demo.yaml", lambda out: []),
-    "insloc_fpn": ("insloc_fpn_probe_demo.yaml", lambda out: []),
-    "resim_c4": ("resim_c4_probe_demo.yaml", lambda out: []),
-    "resim_fpn": ("resim_fpn_probe_demo.yaml", lambda out: []),
-    "mocov2": ("mocov2_probe_demo.yaml", lambda out: []),
-    "scrl": ("scrl_probe_demo.yaml", lambda out: []),
-    "byol": ("byol_probe_demo.yaml", lambda out: []),
-    "cvsa": ("cvsa_probe_demo.yaml", lambda out: ["MODEL.WEIGHTS", os.path.join(out, "byol", "model_final.pth")]),
-    "swav": ("swav_probe_demo.yaml", lambda out: []),
-    "swav_region": ("swav_region_probe_demo.yaml", lambda out: []),
-}
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+RECIPES = learning_recipes()  # every recipe with a configs/quick_schedules/<name>_probe_demo.yaml
+# a two-stage recipe -> the recipe whose checkpoint it starts from (CVSA's stage 2 from BYOL's stage 1)
+FIRST_STAGE = {"cvsa": "byol"}
 SEEDS = (0, 1, 2)
 
 
 def config_path(name):
-    return os.path.join(ROOT, "configs", "quick_schedules", RECIPES[name][0])
+    return probe_demo(name)
 
 
 def pretrain(name, out):
@@ -51,7 +42,7 @@ def pretrain(name, out):
     final = os.path.join(run, "model_final.pth")
     if os.path.isfile(final):
         return
-    extra = RECIPES[name][1](out)
+    extra = ["MODEL.WEIGHTS", os.path.join(out, FIRST_STAGE[name], "model_final.pth")] if name in FIRST_STAGE else []
     if "MODEL.WEIGHTS" in extra and not os.path.isfile(extra[extra.index("MODEL.WEIGHTS") + 1]):
         raise FileNotFoundError(f"{name} starts from {extra[extra.index('MODEL.WEIGHTS') + 1]}: run its stage 1 first")
     cmd = [sys.executable, os.path.join(ROOT, "train_net.py"), "--config-file", config_path(name)]
@@ -82,7 +73,9 @@ def probe(name, out):
         if done.get("protocol") == protocol:
             return done
         print(f"[learning_report] {path} was probed under other settings: probing again", flush=True)
-    from tools.probe import main as probe_main  # noqa: E402  (our tools/, not Detectron2's)
+    from regionssl_workbench.scripts import load_script
+
+    probe_main = load_script(os.path.join(ROOT, "tools", "probe.py")).main
 
     weights = os.path.join(out, name, "model_final.pth")
     results = probe_main(["--config-file", config_path(name), "--weights", weights, "--random-init",
@@ -94,21 +87,27 @@ def probe(name, out):
     return probe(name, out)
 
 
-# Detectron2 logs only ``total_loss`` for a model with one loss term: its name, per method
-SINGLE_LOSS = {"InsLoc": "loss_contrast", "MoCoV2": "loss_contrast", "BYOL": "loss_byol", "SwAV": "loss_swav",
-               "SCRL": "loss_scrl"}
+def single_loss(cfg):
+    """The name of the model's loss when it has one learning signal (Detectron2 then logs only
+    ``total_loss``), from the model's own ``learning_signals()``; else None."""
+    from detectron2.modeling import build_model
+
+    cfg = cfg.clone()
+    cfg.MODEL.DEVICE = "cpu"
+    signals = build_model(cfg).learning_signals()
+    return signals[0].loss if len(signals) == 1 else None
 
 
-def read_metrics(run, meta_architecture=None):
-    """Training rows of ``metrics.json`` (the last pass over each iteration); with one loss term,
-    ``total_loss`` is also given its name."""
+def read_metrics(run, single_loss_name=None):
+    """Training rows of ``metrics.json`` (the last pass over each iteration); a row with no loss term
+    but ``total_loss`` also gets it as ``single_loss_name``."""
     rows = []
     with open(os.path.join(run, "metrics.json")) as f:
         for line in f:
             d = json.loads(line)
             if "iteration" in d and "total_loss" in d:
-                if not any(k.startswith("loss_") for k in d) and meta_architecture in SINGLE_LOSS:
-                    d[SINGLE_LOSS[meta_architecture]] = d["total_loss"]
+                if not any(k.startswith("loss_") for k in d) and single_loss_name:
+                    d[single_loss_name] = d["total_loss"]
                 # a restarted or resumed run appends to the file: its rows replace the ones it redoes
                 if rows and rows[-1]["iteration"] >= d["iteration"]:
                     rows = [r for r in rows if r["iteration"] < d["iteration"]]
@@ -163,7 +162,7 @@ def summarize(name, out):
 
     run = os.path.join(out, name)
     cfg = get_regionssl_cfg(config_path(name))
-    rows = read_metrics(run, cfg.MODEL.META_ARCHITECTURE)
+    rows = read_metrics(run, single_loss(cfg))
     first, last = rows[0], rows[-1]
     chance = chance_levels(cfg, last)
     losses = []

@@ -30,10 +30,12 @@ import os
 import subprocess
 import sys
 
-import transfer  # tools/transfer.py (this folder is the script's sys.path[0])
 from regionssl.transfer import (
     TransferError, budget_model_name, check_run_identity, config_identity, plot_scaling, scaling_points, scaling_table,
 )
+from regionssl_workbench.scripts import load_script
+
+transfer = load_script(os.path.join(os.path.dirname(os.path.abspath(__file__)), "transfer.py"))  # tools/transfer.py
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPES_DIR = os.path.join(REPO, "configs", "miniature")

@@ -11,17 +11,15 @@ with the same seed) and one row per probe number (see ``regionssl/probe.py``). T
 import argparse
 import json
 import os
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import regionssl  # noqa: E402,F401  (registers models and datasets)
-from detectron2.modeling import build_model  # noqa: E402
-from regionssl.checkpoint import RegionSSLCheckpointer  # noqa: E402
-from regionssl.engine import adapt_to_machine, get_regionssl_cfg  # noqa: E402
-from regionssl.probe import run_probe  # noqa: E402
+import regionssl  # noqa: F401  (registers models and datasets)
+from detectron2.modeling import build_model
+from regionssl.checkpoint import RegionSSLCheckpointer
+from regionssl.engine import adapt_to_machine, get_regionssl_cfg
+from regionssl.probe import run_probe
 
 ROWS = ("top1", "top1_v1_to_v2", "top1_v2_to_v1", "image_top1", "num_regions", "num_queries", "chance")
 

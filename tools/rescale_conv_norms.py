@@ -9,7 +9,7 @@ output unchanged in training and in eval mode (up to the BatchNorm's eps). Its *
 does not depend on |w|, so its gradient is orthogonal to w and shrinks as 1/|w|, and SGD turns w by
 about lr |g| / |w| ~ lr / |w|^2 per step. A weight that grew 30x during a pretraining is, when
 fine-tuned at the lr of a random init, in effect frozen. Short CPU pretrainings do exactly that to
-the stem (README "Transfer benchmark": 15-90x for the stem, 1.4-2.2x for res2, res3-res5 unchanged).
+the stem (docs/transfer.md: 15-100x for the stem, 1.4-6x for res2, res3-res5 unchanged).
 This tool sets every such weight to the norm c2_msra_fill gives it (std sqrt(2 / fan_out), the
 detector's random init), so that a fine-tune compares what the pretraining learned, not a weight
 scale. A diagnostic for tiny pretrainings; the papers' protocols load weights as they are.

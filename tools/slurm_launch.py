@@ -15,16 +15,15 @@ this machine through submitit's local executor (same code path, for a dry run).
 ``--num-gpus``, ``--num-machines``, ``--machine-rank`` and ``--dist-url`` are set by the job itself.
 """
 import os
-import sys
+
+from detectron2.engine import default_argument_parser
+
+from regionssl.engine import get_regionssl_cfg
+from regionssl.engine.slurm import TrainJob, make_executor
+from regionssl_workbench.scripts import load_script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-from detectron2.engine import default_argument_parser  # noqa: E402
-
-import train_net  # noqa: E402
-from regionssl.engine import get_regionssl_cfg  # noqa: E402
-from regionssl.engine.slurm import TrainJob, make_executor  # noqa: E402
+train_net = load_script(os.path.join(ROOT, "train_net.py"))  # this clone's entry point, as users edit it
 
 
 def parse_args(argv=None):

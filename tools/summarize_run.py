@@ -111,7 +111,7 @@ def main(argv=None):
         if fill and min(fill) < 1:
             # a newcomer reads a rising loss as failure: while the queue fills, K (and ln(K+1)) grows
             print(f"              the key queue is {100 * min(fill):.0f}% full: each step still adds negatives, so the "
-                  "loss may rise; this short run checks the plumbing (README \"Is it learning?\" shows learning)")
+                  "loss may rise; this short run checks the plumbing (docs/learning.md shows learning)")
     if args.probe:
         print("probe       : " + "\n              ".join(probe_gain(args.probe)))
     skipped = pre.get("regionssl/skipped_images")

@@ -10,14 +10,13 @@ The fine-tuning quick schedules and the demo (``make demo``) train and evaluate 
         MODEL.WEIGHTS output/demo/pretrain/model_final.pth
 """
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
+from detectron2.engine import default_argument_parser, launch
 
-from detectron2.engine import default_argument_parser, launch  # noqa: E402
+from regionssl_workbench.scripts import load_script
+from regionssl_workbench.tiny_datasets import register_tiny_datasets
 
-import train_net  # noqa: E402
-from build_tiny_datasets import register_tiny_datasets  # noqa: E402
+train_net = load_script(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "train_net.py"))
 
 register_tiny_datasets()  # at import: processes started by `launch` (--num-gpus N) import this module too
 

@@ -31,10 +31,9 @@ import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)  # run from a clone
 TRAIN_NET = os.path.join(REPO, "train_net.py")
 
-from regionssl.transfer import (  # noqa: E402
+from regionssl.transfer import (
     METRICS_FILE, RUN_FILE, TransferError, check_run_identity, config_identity, file_sha1, markdown_table,
     parse_model_spec, plot_summary, read_eval_metrics, read_timings, summarize,
 )

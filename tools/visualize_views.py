@@ -13,16 +13,14 @@ Trailing ``KEY VALUE`` pairs override the config.
 import argparse
 import os
 import random
-import sys
 
 import numpy as np
 from PIL import Image
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import regionssl  # noqa: E402,F401  (registers datasets and samplers)
-from regionssl.data import RegionSSLDatasetMapper, get_pretrain_dataset_dicts  # noqa: E402
-from regionssl.engine import get_regionssl_cfg  # noqa: E402
-from regionssl.data.visualize import draw_sample  # noqa: E402
+import regionssl  # noqa: F401  (registers datasets and samplers)
+from regionssl.data import RegionSSLDatasetMapper, get_pretrain_dataset_dicts
+from regionssl.engine import get_regionssl_cfg
+from regionssl.data.visualize import draw_sample
 
 
 def main(argv=None):

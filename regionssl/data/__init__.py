@@ -3,7 +3,7 @@ from .build import build_pretrain_train_loader, get_pretrain_dataset_dicts
 from .datasets import register_builtin_image_datasets
 from .demo_images import register_demo_images
 from .mapper import RegionSSLDatasetMapper
-from .minidet import register_minidet
+from .minidet_catalog import register_minidet
 from .photo_pool import register_photo_pool
 
 # Image-only datasets, registered lazily (nothing is read until a dataset is fetched): COCO /

@@ -7,7 +7,7 @@ query -> original -> key mapping of ReSim.
 
 Pixels of a resized crop are made by ``image_io.DecodedImage.resized_crop`` in one resampling step
 from the decoded image (no intermediate copies), possibly from a JPEG decoded at 1/r scale; the
-result is the same geometry as ``transform.apply_image`` (tests/test_mapper_geometry.py checks every
+result is the same geometry as ``transform.apply_image`` (tests/data/test_mapper_geometry.py checks every
 pixel).
 
 Photometric augmentations (which never move boxes) live in ``photometric.py``.

@@ -34,7 +34,7 @@ from PIL import Image
 from .augmentations import CV2_BILINEAR
 from .jpeg_header import read_jpeg_header
 
-try:  # libjpeg-turbo without OpenCV's wrapper: the same pixels, 15-20% faster (bench/RESULTS.md)
+try:  # libjpeg-turbo without OpenCV's wrapper: the same pixels, 15-20% faster (docs/performance.md)
     import simplejpeg
 except ImportError:  # pragma: no cover - a requirement; OpenCV decodes the same pixels without it
     simplejpeg = None
@@ -395,7 +395,7 @@ class BackgroundSource:
         sample's own image). The whole image is shrunk anyway, so the DCT scaling only acts as an
         area pre-filter before the resize: on 1280x960 photos the canvas differs from full decode +
         resize by 0.6-2.5 grey levels on average, same mean, slightly less aliasing
-        (tests/test_fast_paths.py), for a third of the decode.
+        (tests/data/test_fast_paths.py), for a third of the decode.
         """
         for _ in range(self.max_tries):
             item = open_image_or_none(random.choice(self.file_names), self.skipped, "a background")

@@ -6,7 +6,7 @@ drawn parameters into a (P,) float32 vector (:func:`encode_photometric`) and shi
 with geometry only. The model then calls :func:`apply_photometric` on the (N, 3, H, W) uint8 batch of
 a view, before normalisation. The ops are plain torch code, so the same function runs on CPU
 tensors (tests, CPU training) and on GPUs; each op rounds to uint8 where the mapper's does, so the
-two paths agree within 1 grey level for fixed parameters (tests/test_photometric_batch.py).
+two paths agree within 1 grey level for fixed parameters (tests/data/test_photometric_batch.py).
 
 Parameter vector (P = 15):
 

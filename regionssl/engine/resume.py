@@ -12,7 +12,7 @@ with the trainer's in every checkpoint) holding
 
 Rank 0 restores them as saved; other ranks re-seed from (seed, rank, iteration). With
 ``DATALOADER.NUM_WORKERS`` 0 one process then continues bit for bit as if never stopped
-(tests/test_slurm.py compares final weights). With loader workers or several processes, the data
+(tests/engine/test_slurm.py compares final weights). With loader workers or several processes, the data
 position is exact but augmentations are re-drawn (workers and other ranks keep their own state).
 Hooks that draw random numbers after the checkpoint is written (the retrieval probe at a
 checkpoint iteration) also make the continuation differ from the uninterrupted run.

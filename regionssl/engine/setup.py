@@ -1,15 +1,18 @@
 """Config set-up shared by train_net.py, tools and tests."""
+import functools
 import logging
 import os
 
 import torch
 from detectron2.config import get_cfg
 from detectron2.engine import DefaultTrainer
+from detectron2.modeling import META_ARCH_REGISTRY
 from detectron2.utils import comm
 
 from ..config import add_regionssl_config
+from ..modeling.meta_arch.base import RegionSSLBase
 
-__all__ = ["get_regionssl_cfg", "adapt_to_machine", "check_weights_path", "auto_scale_workers"]
+__all__ = ["get_regionssl_cfg", "adapt_to_machine", "check_weights_path", "method_iteration_keys", "auto_scale_workers"]
 
 logger = logging.getLogger(__name__)
 
@@ -60,8 +63,16 @@ def check_weights_path(path):
     if not os.path.isfile(path):
         raise FileNotFoundError(
             f"MODEL.WEIGHTS={path!r} does not exist. Give a pretraining checkpoint (e.g. "
-            "output/insloc_fpn/model_final.pth) or a converted .pkl; see README 'Fine-tuning'."
+            "output/insloc_fpn/model_final.pth) or a converted .pkl; see README 'Usage'."
         )
+
+
+def method_iteration_keys(cfg):
+    """The iteration-valued config keys the configured pretraining method declares
+    (``RegionSSLBase.iteration_keys``); () for a detector."""
+    name = cfg.MODEL.META_ARCHITECTURE
+    arch = META_ARCH_REGISTRY.get(name) if name in META_ARCH_REGISTRY else None
+    return tuple(arch.iteration_keys) if isinstance(arch, type) and issubclass(arch, RegionSSLBase) else ()
 
 
 def auto_scale_workers(cfg, num_workers):
@@ -70,9 +81,9 @@ def auto_scale_workers(cfg, num_workers):
     With ``SOLVER.REFERENCE_WORLD_SIZE`` R > 0 and ``num_workers`` n != R, Detectron2 keeps
     ``IMS_PER_BATCH / R`` images per process and scales batch and BASE_LR by s = n / R, MAX_ITER,
     WARMUP_ITERS, STEPS, CHECKPOINT_PERIOD and TEST.EVAL_PERIOD by 1 / s. Scaled here as well, so a
-    recipe keeps its shape in epochs: ``SOLVER.BASE_LR_END`` (x s: SwAV's final lr = base / 1000),
-    ``MODEL.REGIONSSL.SWAV.FREEZE_PROTOTYPES_ITERS`` and ``QUEUE_START_ITER`` and
-    ``TEST.REGIONSSL.PROBE_PERIOD`` (x 1 / s). The trainers pass n = processes x
+    recipe keeps its shape in epochs: ``SOLVER.BASE_LR_END`` (x s: a final lr relative to the base),
+    ``TEST.REGIONSSL.PROBE_PERIOD`` and the iteration-valued keys the configured method declares
+    (``RegionSSLBase.iteration_keys``) (x 1 / s). The trainers pass n = processes x
     ``SOLVER.REGIONSSL.ACCUMULATE``: each process with k micro-batches stands for k processes.
     """
     reference = cfg.SOLVER.REFERENCE_WORLD_SIZE
@@ -83,9 +94,10 @@ def auto_scale_workers(cfg, num_workers):
     frozen = scaled.is_frozen()
     scaled.defrost()
     scaled.SOLVER.BASE_LR_END = cfg.SOLVER.BASE_LR_END * s
-    swav = scaled.MODEL.REGIONSSL.SWAV
-    swav.FREEZE_PROTOTYPES_ITERS = int(round(swav.FREEZE_PROTOTYPES_ITERS / s))
-    swav.QUEUE_START_ITER = int(round(swav.QUEUE_START_ITER / s))
+    for key in method_iteration_keys(scaled):
+        *parents, leaf = key.split(".")
+        node = functools.reduce(getattr, parents, scaled)
+        node[leaf] = int(round(node[leaf] / s))
     scaled.TEST.REGIONSSL.PROBE_PERIOD = int(round(scaled.TEST.REGIONSSL.PROBE_PERIOD / s))
     if frozen:
         scaled.freeze()

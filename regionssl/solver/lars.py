@@ -116,7 +116,7 @@ def build_lars_param_groups(model, base_lr, weight_decay, exclude_bias_and_norm=
     (``re.search``). SCRL's rule (``"bn" in name or "bias" in name`` on torchvision names inside an
     ``nn.Sequential``) excludes every bias and the BN weights of the residual blocks, but not the
     weights of the stem BN, the downsample BNs and the heads' BN; on Detectron2's names that is
-    ``configs/scrl.yaml``'s ``\\.bias$|\\.res[2-5]\\.\\d+\\.conv[1-3]\\.norm\\.weight$`` (tests/test_lars.py
+    ``configs/scrl.yaml``'s ``\\.bias$|\\.res[2-5]\\.\\d+\\.conv[1-3]\\.norm\\.weight$`` (tests/solver/test_lars.py
     checks it against SCRL's rule on a torchvision ResNet-50).
 
     Args:

@@ -55,6 +55,10 @@ class RegionSSLBase(nn.Module):
     iteration = 0
     # The target network's encoder, for methods with one (build_momentum).
     target_encoder = None
+    # Config keys (dotted) whose values count iterations, e.g. a schedule's start: scaled with
+    # SOLVER.MAX_ITER when the world size differs from SOLVER.REFERENCE_WORLD_SIZE
+    # (regionssl.engine.setup.auto_scale_workers), so the recipe keeps its shape in epochs.
+    iteration_keys = ()
 
     @configurable
     def __init__(self, *, encoder, pixel_mean, pixel_std, max_iter, momentum_base=0.999, momentum_schedule="constant"):

@@ -4,7 +4,7 @@ Query q from the online encoder, key k from the momentum encoder (shuffle-BN), n
 one queue per level, loss InfoNCE with temperature T (He et al. 2020; Chen et al. 2020). With
 ``MODEL.REGIONSSL.QUEUE.SIZE 0`` there is no queue: the negatives of a query are the other keys of
 the global batch, as in MoCo v3 (Chen, Xie, He, ICCV'21), so positive and negatives always come
-from the same key encoder (no stale negatives; see docs/probe.md for why small runs need it).
+from the same key encoder (no stale negatives; see docs/learning.md for why small runs need it).
 """
 import torch
 import torch.nn.functional as F

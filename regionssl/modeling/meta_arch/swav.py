@@ -81,6 +81,7 @@ class SwAV(RegionSSLBase):
     """
 
     is_global = True
+    iteration_keys = ("MODEL.REGIONSSL.SWAV.FREEZE_PROTOTYPES_ITERS", "MODEL.REGIONSSL.SWAV.QUEUE_START_ITER")
 
     @configurable
     def __init__(self, *, projector, num_prototypes, temperature, epsilon, sinkhorn_iters,
