@@ -43,7 +43,7 @@ _TICK = os.sysconf("SC_CLK_TCK")
 # ------------------------------------------------------------------------------------------- the tree
 def build_tree(root, size, classes):
     """``root`` = ``classes`` folders of hard links to 8 JPEGs, ``size`` files in all (built once)."""
-    from regionssl.data.atomic import build_once
+    from regionssl_workbench.atomic import build_once
 
     def build(folder):
         import numpy as np

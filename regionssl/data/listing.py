@@ -19,7 +19,7 @@ import os
 import tempfile
 import time
 
-from .atomic import file_lock
+from ..utils.files import file_lock
 
 __all__ = ["cached_listing", "listing_cache_dir", "read_file_list"]
 
