@@ -166,6 +166,10 @@ def _add_input_keys(cfg):
     # Decode JPEGs at 1/2, 1/4 or 1/8 scale (libjpeg DCT scaling) when every crop shrinks at least that much.
     # (CopyPaste's backgrounds, squeezed whole into the canvas, are always decoded at their pasted size.)
     i.JPEG_DRAFT = True
+    i.LOADER = CN()
+    # How loader workers start: "fork" (share the training process's memory, start at once; workers
+    # never touch CUDA), "forkserver", "spawn" (re-import everything per worker), or "" for Python's default.
+    i.LOADER.START_METHOD = "fork"
 
     i.PHOTOMETRIC = CN()
     # Colour jitter strengths (brightness, contrast, saturation, hue) (MoCo-v2: 0.4,0.4,0.4,0.1).

@@ -2,10 +2,11 @@
 renamed into place only when complete (its stamp file written last). Several processes asking for
 the same data at once (e.g. ``--num-gpus 2``) build it once; an interrupted build leaves no torn
 folder; a changed stamp (new generator version or new inputs) rebuilds."""
-import contextlib
 import os
 import shutil
 import tempfile
+
+from regionssl.utils.files import file_lock  # noqa: F401  (part of this module's interface)
 
 __all__ = ["file_lock", "is_built", "build_once", "STAMP_FILE"]
 
@@ -19,22 +20,6 @@ def is_built(root, stamp):
             return f.read().strip() == stamp.strip()
     except OSError:
         return False
-
-
-@contextlib.contextmanager
-def file_lock(path):
-    """Exclusive inter-process lock (POSIX flock); a no-op where fcntl is unavailable."""
-    try:
-        import fcntl
-    except ImportError:  # Windows: the atomic rename in build_once still prevents torn folders
-        yield
-        return
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def build_once(root, stamp, build, force=False):

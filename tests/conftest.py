@@ -5,6 +5,7 @@
 * :func:`cfg_of` / :func:`qs_cfg`: a regionssl config on CPU.
 * :func:`launch_cpu`: N gloo processes through Detectron2's ``launch`` on a free local port.
 * :class:`Interrupt`: a hook that stops training after a given iteration (after its checkpoint).
+* Folder listings are cached in a temporary folder (``REGIONSSL_CACHE_DIR``).
 * The tiny synthetic COCO / VOC sets (``tools/build_tiny_datasets.py``) are registered here, at their
   default root (built on first use); the ``tiny_root`` fixture re-registers them under a per-session
   temporary root for the tests that inspect the files.
@@ -23,6 +24,16 @@ QS = os.path.join(CONFIGS, "quick_schedules")
 HANG_TIMEOUT = 3600  # seconds
 
 from regionssl_workbench import tiny_datasets as tiny  # test data: not part of the regionssl package
+
+# Folder listings are cached under this run's temporary folder, never in the user's home
+# (a test of the cache sets its own folder).
+if "REGIONSSL_CACHE_DIR" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    os.environ["REGIONSSL_CACHE_DIR"] = tempfile.mkdtemp(prefix="regionssl-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["REGIONSSL_CACHE_DIR"], True)
 
 tiny.register_tiny_datasets()
 

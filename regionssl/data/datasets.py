@@ -9,7 +9,11 @@ Registered names (files under ``$DETECTRON2_DATASETS``, Detectron2's convention,
 * ``regionssl_minidet_train_images``  regionssl_minidet/train/*.jpg: the transfer benchmark's training
   images without their labels (``tools/build_detection_set.py``), for in-domain pretraining
 * ``folder:<path>``               any folder of images (searched recursively), registered on use;
-* ``folder+links:<path>``         the same, entering symlinked directories too.
+* ``folder+links:<path>``         the same, entering symlinked directories too (each real directory once).
+* ``filelist:<path>``             the image paths in a text file, one per line, registered on use.
+
+Folder listings are cached (``listing.py``): one process lists, the others and later runs read the
+list while no directory of the folder has changed (``folder+links:`` listings are not cached).
 
 Each record is ``{"file_name", "image_id"}``: no ``"annotations"`` key, so these images can
 never be dropped by ``DATALOADER.FILTER_EMPTY_ANNOTATIONS`` (our loader does not filter anyway).
@@ -21,6 +25,7 @@ import stat
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
 from .image_io import file_kind
+from .listing import cached_listing, read_file_list
 
 logger = logging.getLogger(__name__)
 
@@ -29,8 +34,11 @@ __all__ = [
     "list_image_files",
     "load_image_folder",
     "register_image_folder",
+    "register_file_list",
+    "load_file_list",
     "register_builtin_image_datasets",
     "ensure_registered",
+    "RecordField",
 ]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
@@ -57,13 +65,14 @@ def _is_regular(path):
     return True
 
 
-def list_image_files(root, follow_symlinks=False):
+def list_image_files(root, directories=None, follow_symlinks=False):
     """Sorted image paths under ``root`` (recursive). Raises if ``root`` is missing or has none.
 
     Only regular files (or links to them) are listed; named pipes, devices, sockets and broken
-    links are skipped with a warning naming each. Symlinked directories are entered only with
-    ``follow_symlinks``, and then every real directory once: a link loop (or two links to one
-    folder) lists nothing twice, and a warning names the link.
+    links are skipped with a warning naming each. Symlinked directories are not entered (a link to
+    a parent cannot list the tree again) unless ``follow_symlinks``, and then every real directory
+    once: a link loop (or two links to one folder) lists nothing twice, and a warning names the link.
+    ``directories``: a list to which every directory read is appended (the listing cache's validity).
     """
     if not os.path.isdir(root):
         raise FileNotFoundError(f"Image folder {root!r} does not exist (or is not a directory).")
@@ -77,6 +86,8 @@ def list_image_files(root, follow_symlinks=False):
                 dirnames[:] = []
                 continue
             seen.add((st.st_dev, st.st_ino))
+        if directories is not None:
+            directories.append(dirpath)
         dirnames.sort()
         files.extend(p for p in (os.path.join(dirpath, f) for f in sorted(filenames)
                                  if f.lower().endswith(IMAGE_EXTENSIONS)) if _is_regular(p))
@@ -86,14 +97,32 @@ def list_image_files(root, follow_symlinks=False):
 
 
 def load_image_folder(root, follow_symlinks=False):
-    """Image-only dataset dicts for every image under ``root``."""
-    return [{"file_name": f, "image_id": i} for i, f in enumerate(list_image_files(root, follow_symlinks))]
+    """Image-only dataset dicts for every image under ``root`` (listing cached, ``listing.py``, unless
+    symlinked directories are followed)."""
+    if follow_symlinks:
+        return _records(list_image_files(root, follow_symlinks=True))
+    return _records(cached_listing(root, list_image_files))
+
+
+def load_file_list(list_file):
+    """Image-only dataset dicts for the paths in the text file ``list_file`` (``listing.read_file_list``)."""
+    return _records(read_file_list(list_file))
+
+
+def _records(files):
+    return [{"file_name": f, "image_id": i} for i, f in enumerate(files)]
 
 
 def register_image_folder(name, root, follow_symlinks=False):
     """Register ``root`` as an image-only dataset called ``name`` (lazy: nothing is read now)."""
     DatasetCatalog.register(name, lambda: load_image_folder(root, follow_symlinks))
     MetadataCatalog.get(name).set(image_root=root, evaluator_type="none")
+
+
+def register_file_list(name, list_file):
+    """Register the image paths of the text file ``list_file`` as ``name`` (lazy)."""
+    DatasetCatalog.register(name, lambda: load_file_list(list_file))
+    MetadataCatalog.get(name).set(list_file=list_file, evaluator_type="none")
 
 
 def register_builtin_image_datasets(datasets_root=None):
@@ -112,9 +141,26 @@ def ensure_registered(names):
             register_image_folder(name, os.path.expanduser(name[len("folder:"):]))
         elif name.startswith("folder+links:"):
             register_image_folder(name, os.path.expanduser(name[len("folder+links:"):]), follow_symlinks=True)
+        elif name.startswith("filelist:"):
+            register_file_list(name, os.path.expanduser(name[len("filelist:"):]))
         else:
             raise KeyError(
-                f"Dataset {name!r} is not registered. Use a registered name, or 'folder:/path/to/images' (or "
-                "'folder+links:/path' to enter symlinked directories) "
-                f"for any folder of images. Registered: {', '.join(sorted(DatasetCatalog.list()))}"
+                f"Dataset {name!r} is not registered. Use a registered name, 'folder:/path/to/images' "
+                "for any folder of images ('folder+links:/path' to enter symlinked directories too), or "
+                f"'filelist:/path/to/list.txt' for a text file of image paths. Registered: "
+                f"{', '.join(sorted(DatasetCatalog.list()))}"
             )
+
+
+class RecordField:
+    """The sequence of ``records[i][key]`` without copying it out (``records``: dataset dicts, e.g.
+    the loader's serialised ``DatasetFromList``, whose one byte tensor loader workers share)."""
+
+    def __init__(self, records, key):
+        self.records, self.key = records, key
+
+    def __len__(self):
+        return len(self.records)
+
+    def __getitem__(self, i):
+        return self.records[i][self.key]

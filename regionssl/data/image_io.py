@@ -402,9 +402,13 @@ class BackgroundSource:
     """
 
     def __init__(self, file_names, max_tries=10, skipped=None):
-        if not file_names:
+        """``file_names``: a sequence (``len`` and indexing; kept, not copied: a ``RecordField`` over the
+        loader's serialised records costs the workers nothing) or any iterable of paths."""
+        if not hasattr(file_names, "__getitem__"):
+            file_names = list(file_names)
+        if not len(file_names):
             raise ValueError("BackgroundSource needs at least one image")
-        self.file_names, self.max_tries = list(file_names), max_tries
+        self.file_names, self.max_tries = file_names, max_tries
         self.skipped = skipped  # SkippedFiles shared with the mapper: unreadable backgrounds count too
 
     def __call__(self):

@@ -37,6 +37,7 @@ import torch
 from detectron2.config import configurable
 from detectron2.data import transforms as T
 
+from .datasets import RecordField
 from .image_io import BackgroundSource, SkippedFiles, UnreadableImageError, open_image_or_none
 from .photometric import build_photometric_augmentations
 from .photometric_batch import encode_photometric
@@ -72,9 +73,8 @@ class RegionSSLDatasetMapper:
     @classmethod
     def from_config(cls, cfg, dataset_dicts=None):
         c = cfg.INPUT.REGIONSSL
-        files = [d["file_name"] for d in dataset_dicts or []]
         skipped = SkippedFiles()
-        background = BackgroundSource(files, skipped=skipped) if files else None
+        background = BackgroundSource(RecordField(dataset_dicts, "file_name"), skipped=skipped) if dataset_dicts else None
         p = c.PHOTOMETRIC
         n = max(len(p.BLUR_PROB), len(p.SOLARIZE_PROB))
         photometric = []

@@ -80,7 +80,7 @@ class PretrainLoader:
 
     @property
     def sampler(self):
-        sampler = getattr(getattr(self.loader, "dataset", None), "sampler", None)  # Detectron2's ToIterableDataset
+        sampler = getattr(self.loader, "sampler", None)  # build_pretrain_train_loader's PretrainBatches
         return sampler if isinstance(sampler, ResumableTrainingSampler) else None
 
     def at_start(self, fn):

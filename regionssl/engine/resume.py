@@ -5,8 +5,9 @@ data loader starts a new stream: a resumed run sees other images and other augme
 the run it continues. :class:`DataStateHook` is a stateful hook (its ``state_dict`` is saved
 with the trainer's in every checkpoint) holding
 
-* the sampler seed; on resume the :class:`~regionssl.data.build.ResumableTrainingSampler`
-  skips the ``start_iter x images per process per step`` indices already consumed;
+* the sampler seed; on resume the :class:`~regionssl.data.sampler.ResumableTrainingSampler`
+  continues after the ``start_iter x images per process per step`` indices already consumed (at
+  that epoch and offset, by arithmetic: the cost does not grow with the epoch);
 * the Python / NumPy / torch (CPU, CUDA) random states of the saving process (rank 0).
 
 Rank 0 restores them as saved; other ranks re-seed from (seed, rank, iteration). With

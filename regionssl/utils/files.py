@@ -1,9 +1,10 @@
-"""Small file helpers shared by dataset builders and tools."""
+"""Small file helpers shared by the library, dataset builders and tools."""
+import contextlib
 import functools
 import hashlib
 import os
 
-__all__ = ["file_sha1"]
+__all__ = ["file_sha1", "file_lock"]
 
 
 def file_sha1(path, chunk=1 << 22):
@@ -23,3 +24,20 @@ def _sha1_of(path, size, mtime_ns, chunk):
         for block in iter(lambda: f.read(chunk), b""):
             h.update(block)
     return h.hexdigest()
+
+
+@contextlib.contextmanager
+def file_lock(path):
+    """Exclusive inter-process lock (POSIX flock); a no-op where fcntl is unavailable (writers then
+    rely on an atomic rename alone)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        yield
+        return
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)

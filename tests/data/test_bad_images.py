@@ -250,3 +250,21 @@ def test_skipped_files_counted_over_workers_in_metrics_and_summary(tmp_path, cap
     with contextlib.redirect_stdout(buf):
         assert summarize(["--pretrain", str(out), "--finetune", str(fine)]) == 0
     assert f"skipped     : 2 unreadable image files (names: {out / 'skipped_images.txt'})" in buf.getvalue()
+
+
+def test_loader_mapper_draws_backgrounds_from_the_serialised_records(folder):
+    """CopyPaste's backgrounds come from the loader's records (one byte tensor the workers share),
+    not from a Python list of every path copied into each worker."""
+    from detectron2.data import DatasetFromList
+
+    from regionssl.data.datasets import RecordField
+
+    root, _ = folder
+    cfg = get_regionssl_cfg(None, _opts("CopyPaste", "PastedBox"))
+    cfg.DATASETS.TRAIN = (f"folder:{root}",)
+    cfg.SOLVER.IMS_PER_BATCH = 2
+    cfg.DATALOADER.NUM_WORKERS = 0
+    loader = build_pretrain_train_loader(cfg)
+    names = loader.stream.mapper.view_generator.background_source.file_names
+    assert isinstance(names, RecordField) and isinstance(names.records, DatasetFromList)
+    assert [names[i] for i in range(len(names))] == [d["file_name"] for d in get_pretrain_dataset_dicts([f"folder:{root}"])]

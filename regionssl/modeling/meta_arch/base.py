@@ -24,6 +24,7 @@ from detectron2.config import configurable
 from detectron2.utils.events import get_event_storage
 from torch import nn
 
+from ...data.batching import stacked_rows
 from ...data.photometric_batch import apply_photometric
 from ...utils.distributed import to_device
 from ..encoders import build_encoder
@@ -145,8 +146,12 @@ class RegionSSLBase(nn.Module):
     def view_pixels(self, views):
         """List of (3, H, W) uint8 tensors (one size) -> (N, 3, H, W) uint8 on the model device.
 
-        One non-blocking copy per view (asynchronous from the loader's pinned memory).
+        One non-blocking copy (asynchronous from the loader's pinned memory) when the views are the
+        adjacent rows of one loader buffer (``batching.pack_batch``), else one per view.
         """
+        rows = stacked_rows(views)
+        if rows is not None:
+            return rows.to(self.device, non_blocking=True, copy=True)
         return torch.stack([v.to(self.device, non_blocking=True) for v in views])
 
     def view_uint8(self, batched_inputs, v):
