@@ -42,7 +42,8 @@ _TICK = os.sysconf("SC_CLK_TCK")
 
 # ------------------------------------------------------------------------------------------- the tree
 def build_tree(root, size, classes):
-    """``root`` = ``classes`` folders of hard links to 8 JPEGs, ``size`` files in all (built once)."""
+    """``root`` = ``classes`` folders of hard links to 8 JPEGs (more past 480k files: ext4 allows
+    65,000 links per file), ``size`` files in all (built once)."""
     from regionssl_workbench.atomic import build_once
 
     def build(folder):
@@ -53,7 +54,7 @@ def build_tree(root, size, classes):
         os.makedirs(sources)
         rng = np.random.RandomState(0)
         paths = []
-        for k in range(8):  # smooth random pictures: decode cost of a photo, not of noise
+        for k in range(max(8, -(-size // 60000))):  # smooth random pictures: decode cost of a photo, not of noise
             small = rng.randint(0, 256, (12, 16, 3)).astype(np.uint8)
             path = os.path.join(sources, f"src{k}.jpg")
             Image.fromarray(small).resize((500, 375), Image.BICUBIC).save(path, quality=90)
@@ -63,7 +64,7 @@ def build_tree(root, size, classes):
             cls = os.path.join(train, f"n{c:08d}")
             os.makedirs(cls)
             for i in range(c, size, classes):
-                os.link(paths[i % 8], os.path.join(cls, f"n{c:08d}_{i}.JPEG"))
+                os.link(paths[i % len(paths)], os.path.join(cls, f"n{c:08d}_{i}.JPEG"))
 
     build_once(root, f"data_scale tree v1: {size} files in {classes} classes", build)
     return os.path.join(root, "train")

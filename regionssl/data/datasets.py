@@ -65,6 +65,13 @@ def _is_regular(path):
     return True
 
 
+def _is_dir(entry):
+    try:
+        return entry.is_dir()
+    except OSError:
+        return False
+
+
 def list_image_files(root, directories=None, follow_symlinks=False):
     """Sorted image paths under ``root`` (recursive). Raises if ``root`` is missing or has none.
 
@@ -77,20 +84,34 @@ def list_image_files(root, directories=None, follow_symlinks=False):
     if not os.path.isdir(root):
         raise FileNotFoundError(f"Image folder {root!r} does not exist (or is not a directory).")
     files, seen = [], set()
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=follow_symlinks):
+    pending = [root]  # depth first, each folder's files before its subfolders', names sorted (os.walk's order)
+    while pending:
+        dirpath = pending.pop()
         if follow_symlinks:
             st = os.stat(dirpath)
             if (st.st_dev, st.st_ino) in seen:
                 logger.warning(f"Not listing {dirpath} again: it is {os.path.realpath(dirpath)}, already listed "
                                "(a symlink loop or a second link to one folder)")
-                dirnames[:] = []
                 continue
             seen.add((st.st_dev, st.st_ino))
+        try:
+            with os.scandir(dirpath) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError as e:
+            logger.warning(f"Skipping folder {dirpath}: {e.strerror or e}")
+            continue
         if directories is not None:
             directories.append(dirpath)
-        dirnames.sort()
-        files.extend(p for p in (os.path.join(dirpath, f) for f in sorted(filenames)
-                                 if f.lower().endswith(IMAGE_EXTENSIONS)) if _is_regular(p))
+        subdirs = []
+        for entry in entries:
+            if _is_dir(entry):
+                if follow_symlinks or not entry.is_symlink():
+                    subdirs.append(entry.path)
+            elif entry.name.lower().endswith(IMAGE_EXTENSIONS) and (
+                entry.is_file(follow_symlinks=False) or _is_regular(entry.path)  # the directory entry's type
+            ):  # answers without a stat for a plain file; links and special files are checked by _is_regular
+                files.append(entry.path)
+        pending.extend(reversed(subdirs))
     if not files:
         raise ValueError(f"Image folder {root!r} contains no images (looked for {', '.join(IMAGE_EXTENSIONS)}).")
     return files

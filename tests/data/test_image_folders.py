@@ -57,6 +57,14 @@ def test_listing_keeps_regular_files_and_names_what_it_skips(tmp_path, fifo, cap
     assert f"Skipping {tmp_path / 'broken.jpg'}: No such file or directory" in text
 
 
+def test_listing_order_is_depth_first_with_each_folders_files_first(tmp_path):
+    for rel in ["b/z/1.jpg", "b/2.JPEG", "a.png", "a/3.jpg", "a/y/4.jpg", "b.txt", "c/notes.md", "0.jpg"]:
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"")
+    expected = ["0.jpg", "a.png", "a/3.jpg", "a/y/4.jpg", "b/2.JPEG", "b/z/1.jpg"]
+    assert list_image_files(str(tmp_path)) == [str(tmp_path / rel) for rel in expected]
+
+
 @pytest.mark.parametrize("name,kind", [("pipe.jpg", "a named pipe"), ("zero.jpg", "a character device")])
 def test_reading_a_pipe_or_device_listed_earlier_skips_it(tmp_path, fifo, name, kind):
     os.symlink("/dev/zero", tmp_path / "zero.jpg")
