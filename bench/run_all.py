@@ -48,12 +48,12 @@ BENCHMARKS = {
          "--iters", "3", "--images", "8"],
     ),
     # the data path at ImageNet scale (synthetic hard-linked trees in the temporary folder; the full
-    # run builds 410k links, ~1 GB of directory entries, and takes about an hour on 2 busy cores)
+    # run builds 1.69M links, ~4 GB of directory entries, and takes about an hour on 2 busy cores)
     "data_scale": (
         "data_scale.py",
         ["--sizes", "2000", "--classes", "20", "--workers", "2", "--batch", "8", "--batches", "4", "--pause", "0.05",
          "--epochs", "0", "10", "--launch-workers", "2", "--out", "output/bench/DATA_SCALE_short.md"],
-        ["--sizes", "10000", "100000", "300000", "--batches", "12"],
+        ["--sizes", "10000", "100000", "300000", "1280000", "--batches", "12"],
     ),
 }
 
