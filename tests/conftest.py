@@ -53,6 +53,17 @@ def qs_cfg(name, *opts):
     return cfg_of(os.path.join(QS, name), *opts)
 
 
+# Overrides for the guard and weight-norm tests: ResNet-18 width, a 256-wide projector, 64 px views.
+R18 = ["MODEL.DEVICE", "cpu", "MODEL.RESNETS.DEPTH", 18, "MODEL.RESNETS.RES2_OUT_CHANNELS", 64,
+       "MODEL.REGIONSSL.PROJECTOR.HIDDEN_DIM", 256, "INPUT.REGIONSSL.CROP_SIZE", 64,
+       "INPUT.REGIONSSL.COPY_PASTE.FG_SIZE", [24, 60]]
+
+
+def r18_cfg(name, *opts):
+    """:func:`qs_cfg` with the :data:`R18` overrides, then ``opts``."""
+    return qs_cfg(name, *R18, *opts)
+
+
 # Overrides that make a pretraining quick schedule small and fast on a CPU: ResNet-18 width, 64 px
 # views, 2 images a step, a queue of 8 (checkpoints of ~150 MB, steps of a second on a quiet core).
 SMALL_PRETRAIN = ["SOLVER.IMS_PER_BATCH", "2", "INPUT.REGIONSSL.CROP_SIZE", "64", "MODEL.REGIONSSL.QUEUE.SIZE", "8",

@@ -17,16 +17,9 @@ import regionssl  # noqa: F401  (registers models and datasets)
 from regionssl.engine import PretrainTrainer, get_regionssl_cfg
 from regionssl.engine.hooks import CollapseGuard, TrainingCollapsed
 
-from conftest import QS as QUICK
+from conftest import QS as QUICK, r18_cfg as _cfg
 
-R18 = ["MODEL.DEVICE", "cpu", "MODEL.RESNETS.DEPTH", 18, "MODEL.RESNETS.RES2_OUT_CHANNELS", 64,
-       "MODEL.REGIONSSL.PROJECTOR.HIDDEN_DIM", 256, "INPUT.REGIONSSL.CROP_SIZE", 64,
-       "INPUT.REGIONSSL.COPY_PASTE.FG_SIZE", [24, 60]]
 LOGGER = "regionssl.engine.hooks"
-
-
-def _cfg(name, *opts):
-    return get_regionssl_cfg(os.path.join(QUICK, name), R18 + list(opts))
 
 
 @pytest.fixture(scope="module")

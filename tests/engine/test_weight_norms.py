@@ -2,7 +2,6 @@
 (``WeightNormMonitor``, ``regionssl/weight_norm/<stage>``) and the guard's warning when a stage grows
 past ``TEST.REGIONSSL.GUARD.MAX_WEIGHT_NORM_GROWTH``, on synthetic values and on real short runs."""
 import logging
-import os
 from types import SimpleNamespace
 
 import pytest
@@ -11,20 +10,13 @@ from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 
 import regionssl  # noqa: F401  (registers models and datasets)
-from regionssl.engine import PretrainTrainer, get_regionssl_cfg
+from regionssl.engine import PretrainTrainer
 from regionssl.engine.hooks import CollapseGuard
 from regionssl.engine.weight_norms import WeightNormMonitor, stage_conv_weights, stage_of
 
-from conftest import QS as QUICK
+from conftest import r18_cfg as _cfg
 
-R18 = ["MODEL.DEVICE", "cpu", "MODEL.RESNETS.DEPTH", 18, "MODEL.RESNETS.RES2_OUT_CHANNELS", 64,
-       "MODEL.REGIONSSL.PROJECTOR.HIDDEN_DIM", 256, "INPUT.REGIONSSL.CROP_SIZE", 64,
-       "INPUT.REGIONSSL.COPY_PASTE.FG_SIZE", [24, 60]]
 LOGGER = "regionssl.engine.hooks"
-
-
-def _cfg(name, *opts):
-    return get_regionssl_cfg(os.path.join(QUICK, name), R18 + list(opts))
 
 
 def _warnings(caplog):
