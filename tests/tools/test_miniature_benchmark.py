@@ -10,6 +10,7 @@ from detectron2.solver import build_lr_scheduler
 
 from regionssl import transfer
 from regionssl.engine import get_regionssl_cfg
+from regionssl.engine.hooks import CollapseGuard
 from regionssl_workbench.scripts import load_script
 
 mini = load_script("tools/miniature_benchmark.py")
@@ -31,9 +32,20 @@ def test_the_roster_is_the_config_folder():
 def test_every_recipe_has_the_same_budget():
     budget = {r: (c.SOLVER.MAX_ITER, c.SOLVER.IMS_PER_BATCH, c.INPUT.REGIONSSL.CROP_SIZE, c.DATASETS.TRAIN,
                   c.SOLVER.WARMUP_ITERS, c.SOLVER.CHECKPOINT_PERIOD, c.MODEL.BACKBONE.FREEZE_AT,
-                  c.SOLVER.REFERENCE_WORLD_SIZE)
+                  c.SOLVER.REFERENCE_WORLD_SIZE, c.TEST.REGIONSSL.GUARD.START_ITER)
               for r, c in ((r, _cfg(r)) for r in RECIPES)}
-    assert set(budget.values()) == {(2000, 8, 128, ("regionssl_minidet_train_images",), 100, 250, 1, 0)}
+    assert set(budget.values()) == {(2000, 8, 128, ("regionssl_minidet_train_images",), 100, 250, 1, 0, 400)}
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_a_shortened_recipe_keeps_the_guard_start(recipe):
+    """A user who shortens a recipe to 1,000 steps gets the guard's first check at step 400, after the
+    ~250 steps the recipes take to leave chance, not at the default MAX_ITER / 5 = 200."""
+    cfg = _cfg(recipe)
+    cfg.SOLVER.MAX_ITER = 1000
+    assert CollapseGuard.from_config(cfg).start_iter == 400
+    cfg.TEST.REGIONSSL.GUARD.START_ITER = -1
+    assert CollapseGuard.from_config(cfg).start_iter == 200
 
 
 @pytest.mark.parametrize("recipe", RECIPES)
