@@ -3,12 +3,10 @@ the hook's own ``after_step``, and real short trainer runs (one that learns, one
 import logging
 import math
 import os
-import socket
 from types import SimpleNamespace
 
 import pytest
 import torch
-from detectron2.engine import launch
 from detectron2.modeling import build_model
 from detectron2.utils import comm
 from detectron2.utils.events import EventStorage
@@ -17,7 +15,7 @@ import regionssl  # noqa: F401  (registers models and datasets)
 from regionssl.engine import PretrainTrainer, get_regionssl_cfg
 from regionssl.engine.hooks import CollapseGuard, TrainingCollapsed
 
-from conftest import QS as QUICK, r18_cfg as _cfg
+from conftest import QS as QUICK, launch_cpu, r18_cfg as _cfg
 
 LOGGER = "regionssl.engine.hooks"
 
@@ -207,10 +205,7 @@ def _two_rank_worker(out_dir):
 
 @pytest.mark.slow
 def test_stop_raises_on_every_process(tmp_path):
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    launch(_two_rank_worker, 2, dist_url=f"tcp://127.0.0.1:{port}", args=(str(tmp_path),))
+    launch_cpu(_two_rank_worker, [str(tmp_path)])
     r0, r1 = (torch.load(os.path.join(tmp_path, f"rank{r}.pt")) for r in range(2))
     assert r0 == r1 and r0[0] == 9  # checks at 4 (healthy) and 9 (window 5..9 collapsed)
     assert r0[1].startswith("Pretraining stopped by TEST.REGIONSSL.GUARD.STOP:\nCOLLAPSED at iteration 9: "
