@@ -192,8 +192,8 @@ def test_probe_command_line_takes_overrides_after_seeds():
 def test_probe_json_feeds_the_demo_summary(tmp_path):
     """tools/probe.py --random-init --output-json (the demo's probe step) writes both columns per seed,
     and tools/summarize_run.py reads the paired gain from exactly those numbers."""
-    from probe import main as probe_main
-    from summarize_run import probe_gain
+    probe_main = load_script("tools/probe.py").main
+    probe_gain = load_script("tools/summarize_run.py").probe_gain
 
     small = ["MODEL.DEVICE", "cpu", "MODEL.RESNETS.DEPTH", "18", "MODEL.RESNETS.RES2_OUT_CHANNELS", "64",
              "MODEL.REGIONSSL.PROJECTOR.HIDDEN_DIM", "64", "TEST.REGIONSSL.PROBE_CROP_SIZE", "64",
