@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# End-to-end demo on built-in data, CPU-friendly (~35 min on 2 busy cores, most of it the probe):
+# End-to-end demo on built-in data, CPU-friendly (~17 min on 2 busy cores, creating the venv included):
 #   1. pretrain InsLoc-FPN (configs/insloc_fpn.yaml, shortened) on the demo photos,
 #   2. probe what it learned: region retrieval on held-out photos beside random init (same views),
 #   3. draw view pairs with their matched boxes,
