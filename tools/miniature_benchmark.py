@@ -31,7 +31,8 @@ import subprocess
 import sys
 
 from regionssl.transfer import (
-    TransferError, budget_model_name, check_run_identity, config_identity, plot_scaling, scaling_points, scaling_table,
+    TransferError, budget_model_name, check_run_identity, config_identity, paired_cell, paired_gains, plot_scaling,
+    scaling_points, scaling_table,
 )
 from regionssl_workbench.scripts import load_script
 
@@ -169,29 +170,51 @@ def finished_models(folder):
             for n, runs in models.items()]
 
 
+PAIRED_NOTE = ("Paired with random init: box AP minus random init's at the same fine-tuning seed (same new-layer "
+               "initialisation and image order), mean (each seed; how many above 0).")
+
+
+def paired_with_random(models):
+    """``{model: {seed: box AP minus random init's at that seed}}`` for the finished ``models``."""
+    runs = {m["name"]: {s: e["results"] for s, e in m["runs"].items()} for m in models}
+    base = runs.get("random", {})
+    return {name: paired_gains(r, base) for name, r in runs.items() if name != "random"}
+
+
 def write_report(args):
     os.makedirs(args.report, exist_ok=True)
     full = finished_models(os.path.join(args.output, "full"))
     frozen = finished_models(os.path.join(args.output, "frozen"))
     table_names = ["random"] + list(args.recipes)
     results = {"full": {}, "frozen": {}, "probe": {}, "scaling": {}}
+    gains = {"full": paired_with_random(full), "frozen": paired_with_random(frozen)}
     for key, models in (("full", full), ("frozen", frozen)):
         rows = [(m["name"], len(m["runs"]), m["summary"]) for m in models if m["name"] in table_names]
         rows.sort(key=lambda r: table_names.index(r[0]))
         if rows:
             config = args.full_config if key == "full" else args.frozen_config
+            paired = [f"| {name} | {paired_cell(gains[key][name])} |" for name, _, _ in rows if gains[key].get(name)]
             with open(os.path.join(args.report, f"{key}.md"), "w") as f:
                 f.write(transfer.markdown_table(rows, f"Protocol `{config}`"))
-        results[key] = {m["name"]: {"box AP": m["summary"].get("box AP"), "mask AP": m["summary"].get("mask AP")}
-                        for m in models}
+                if paired:
+                    f.write(f"\n{PAIRED_NOTE}\n\n| model | box AP minus random init |\n|---|---|\n" + "\n".join(paired) + "\n")
+        results[key] = {m["name"]: {"box AP": m["summary"].get("box AP"), "mask AP": m["summary"].get("mask AP"),
+                                    "box AP minus random init": gains[key].get(m["name"])} for m in models}
     curves = {}
     for recipe in args.scaling_recipes:
         final = pretrain_cfg(args, recipe).SOLVER.MAX_ITER
         curves[recipe] = scaling_points(full, recipe, args.budgets, final)
         results["scaling"][recipe] = [{"steps": b, "box AP": s} for b, s in curves[recipe]]
     if any(s for points in curves.values() for _, s in points):
+        budgets = [b for b in sorted({b for points in curves.values() for b, _ in points}) if b]
+        names = {r: {b: budget_model_name(r, b) for b in args.budgets} | {pretrain_cfg(args, r).SOLVER.MAX_ITER: r}
+                 for r in curves}
+        paired = [f"| {b} | " + " | ".join(paired_cell(gains["full"].get(names[r].get(b), {})) for r in curves) + " |"
+                  for b in budgets]
         with open(os.path.join(args.report, "scaling.md"), "w") as f:
             f.write(f"Protocol `{args.full_config}`, box AP against pretraining steps\n\n" + scaling_table(curves))
+            f.write(f"\n{PAIRED_NOTE}\n\n| pretraining steps | " + " | ".join(curves) + " |\n|---:|" + "---|" * len(curves)
+                    + "\n" + "\n".join(paired) + "\n")
         plot_scaling(curves, os.path.join(args.report, "scaling.png"), title="box AP vs pretraining budget")
     lines = ["| recipe | region top-1 | random init | paired gain (per seed) |", "|---|---:|---:|---|"]
     for recipe in args.recipes:

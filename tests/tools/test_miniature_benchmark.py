@@ -102,6 +102,19 @@ def test_scaling_points_and_table():
     ]
 
 
+def test_paired_gains_compare_the_same_fine_tuning_seed():
+    nan = float("nan")
+    base = {"0": {"bbox": {"AP": 2.14}}, "1": {"bbox": {"AP": 3.82}}, "2": {"bbox": {"AP": 2.68}}, "3": {"bbox": {"AP": 1.0}}}
+    runs = {"2": {"bbox": {"AP": 3.44}}, "0": {"bbox": {"AP": 4.35}}, "1": {"bbox": {"AP": 4.41}}, "3": {"bbox": {"AP": nan}},
+            "4": {"bbox": {"AP": 9.0}}}  # seed 3: no detection at all; seed 4: random init not run
+    gains = transfer.paired_gains(runs, base)
+    assert list(gains) == ["0", "1", "2"]
+    assert [round(g, 2) for g in gains.values()] == [2.21, 0.59, 0.76]
+    assert transfer.paired_cell(gains) == "+1.19 (+2.21, +0.59, +0.76; 3 of 3 above)"
+    assert transfer.paired_cell(transfer.paired_gains({"0": {"bbox": {"AP": 1.5}}}, base)) == "-0.64 (-0.64; 0 of 1 above)"
+    assert transfer.paired_cell({}) == ""
+
+
 def test_report_from_finished_results(tmp_path):
     out, report = tmp_path / "out", tmp_path / "report"
     args = mini.parse_args(["--output", str(out), "--report", str(report), "--recipes", "mocov2",
@@ -119,13 +132,20 @@ def test_report_from_finished_results(tmp_path):
     mini.write_report(args)
     assert sorted(os.listdir(report)) == ["full.md", "probe.md", "results.json", "scaling.md", "scaling.png"]
     full = (report / "full.md").read_text().splitlines()
-    assert [line.split(" |")[0] for line in full if line.startswith("| ") and "seeds" not in line] == [
+    table = full[:full.index("mean (min–max) over fine-tuning seeds; COCO AP in percent.")]
+    assert [line.split(" |")[0] for line in table if line.startswith("| ") and "seeds" not in line] == [
         "| random", "| mocov2"]  # the budget rows belong to the scaling table only
     assert "| 500 | 3.5 (3.0–4.0) [2] |" in (report / "scaling.md").read_text()
     assert "| mocov2 | 0.250 (0.200-0.300) | 0.150 (0.100-0.200) | +0.200, +0.050, +0.050 |" in (
         report / "probe.md").read_text()
+    assert "| mocov2 | +3.00 (+3.00, +3.00, +3.00; 3 of 3 above) |" in full  # paired with random init, seed by seed
+    scaling = (report / "scaling.md").read_text().splitlines()
+    assert scaling[-3:] == ["| 250 | -1.00 (-1.00, -1.00, -1.00; 0 of 3 above) |",
+                            "| 500 | +1.00 (+1.00, +1.00; 2 of 2 above) |",  # seed 2 of the 500-step budget not run
+                            "| 2000 | +3.00 (+3.00, +3.00, +3.00; 3 of 3 above) |"]
     results = json.loads((report / "results.json").read_text())
     assert results["full"]["mocov2"]["box AP"]["values"] == [5.0, 6.0, 7.0]
+    assert results["full"]["mocov2_b500"]["box AP minus random init"] == {"0": 1.0, "1": 1.0}
     assert [p["steps"] for p in results["scaling"]["mocov2"]] == [0, 250, 500, 2000]
     assert results["frozen"] == {}  # not run: nothing is made up
 
