@@ -338,31 +338,52 @@ def scaling_table(curves, metric="box AP"):
     return "\n".join(lines) + "\n"
 
 
-def plot_scaling(curves, path, metric="box AP", title=None):
+def plot_scaling(curves, path, metric="box AP", title=None, paired=None):
     """Line chart of ``scaling_table``'s numbers: mean against pretraining steps per recipe, the seed
-    range as a band, every seed as a dot."""
+    range as a band, every seed as a dot. ``paired`` (``{recipe: [(steps, paired_gains(...))]}``) adds a
+    second panel: the difference to random init at the same fine-tuning seed, 0 at 0 steps by definition,
+    with the zero line that marks where pretraining overtakes random init."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5.6, 3.6), dpi=120)
+    fig, axes = plt.subplots(1, 2 if paired else 1, figsize=(10.4 if paired else 5.6, 3.6), dpi=120, squeeze=False)
+    ax, colors = axes[0][0], {}
     for recipe, points in curves.items():
         pts = [(b, s) for b, s in points if s and s["n"]]
         if not pts:
             continue
         xs = [b for b, _ in pts]
         line, = ax.plot(xs, [s["mean"] for _, s in pts], "o-", label=recipe, zorder=3)
+        colors[recipe] = line.get_color()
         ax.fill_between(xs, [s["min"] for _, s in pts], [s["max"] for _, s in pts], color=line.get_color(), alpha=0.15)
         for b, s in pts:
             seeds = _finite(s["values"])
             ax.plot([b] * len(seeds), seeds, ".", color=line.get_color(), ms=3, zorder=2)
-    ax.set_xlabel("pretraining steps (0 = random init)")
     ax.set_ylabel(f"{metric} (%)")
-    ax.grid(alpha=0.3)
-    ax.legend(frameon=False, fontsize=8)
     if title:
         ax.set_title(title, fontsize=9)
+    for recipe, points in (paired or {}).items():
+        pts = [(0, [0.0])] + [(b, list(g.values())) for b, g in points if b and g]
+        if len(pts) < 2:
+            continue
+        color = colors.get(recipe)
+        pax = axes[0][1]
+        line, = pax.plot([b for b, _ in pts], [sum(v) / len(v) for _, v in pts], "o-", color=color, label=recipe, zorder=3)
+        pax.fill_between([b for b, _ in pts], [min(v) for _, v in pts], [max(v) for _, v in pts], color=line.get_color(), alpha=0.15)
+        for b, v in pts[1:]:
+            pax.plot([b] * len(v), v, ".", color=line.get_color(), ms=3, zorder=2)
+    if paired:
+        pax = axes[0][1]
+        pax.axhline(0.0, color="k", lw=0.8)
+        pax.set_ylabel(f"{metric} minus random init, same seed")
+        pax.set_title("paired with random init", fontsize=9)
+    for a in axes[0]:
+        a.set_xlabel("pretraining steps (0 = random init)")
+        a.grid(alpha=0.3)
+        if a.get_legend_handles_labels()[0]:
+            a.legend(frameon=False, fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

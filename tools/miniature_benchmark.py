@@ -215,7 +215,8 @@ def write_report(args):
             f.write(f"Protocol `{args.full_config}`, box AP against pretraining steps\n\n" + scaling_table(curves))
             f.write(f"\n{PAIRED_NOTE}\n\n| pretraining steps | " + " | ".join(curves) + " |\n|---:|" + "---|" * len(curves)
                     + "\n" + "\n".join(paired) + "\n")
-        plot_scaling(curves, os.path.join(args.report, "scaling.png"), title="box AP vs pretraining budget")
+        plot_scaling(curves, os.path.join(args.report, "scaling.png"), title="box AP vs pretraining budget",
+                     paired={r: [(b, gains["full"].get(names[r].get(b), {})) for b in budgets] for r in curves})
     lines = ["| recipe | region top-1 | random init | paired gain (per seed) |", "|---|---:|---:|---|"]
     for recipe in args.recipes:
         path = os.path.join(pretrain_dir(args, recipe), "probe.json")

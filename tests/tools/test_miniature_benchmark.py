@@ -3,6 +3,7 @@ constant learning rate after warm-up (so a checkpoint after B steps is the B-ste
 checkpoints by name, the scaling curve's table and the report, from synthetic benchmark results."""
 import json
 import os
+import struct
 
 import pytest
 import torch
@@ -143,6 +144,8 @@ def test_report_from_finished_results(tmp_path):
     assert scaling[-3:] == ["| 250 | -1.00 (-1.00, -1.00, -1.00; 0 of 3 above) |",
                             "| 500 | +1.00 (+1.00, +1.00; 2 of 2 above) |",  # seed 2 of the 500-step budget not run
                             "| 2000 | +3.00 (+3.00, +3.00, +3.00; 3 of 3 above) |"]
+    png = (report / "scaling.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and struct.unpack(">I", png[16:20])[0] == 1248  # two panels side by side
     results = json.loads((report / "results.json").read_text())
     assert results["full"]["mocov2"]["box AP"]["values"] == [5.0, 6.0, 7.0]
     assert results["full"]["mocov2_b500"]["box AP minus random init"] == {"0": 1.0, "1": 1.0}
