@@ -54,7 +54,8 @@ def qs_cfg(name, *opts):
 
 
 # Overrides for the guard and weight-norm tests: ResNet-18 width, a 256-wide projector, 64 px views.
-R18 = ["MODEL.DEVICE", "cpu", "MODEL.RESNETS.DEPTH", 18, "MODEL.RESNETS.RES2_OUT_CHANNELS", 64,
+R18_TRUNK = ["MODEL.RESNETS.DEPTH", 18, "MODEL.RESNETS.RES2_OUT_CHANNELS", 64]  # ResNet-18 instead of 50
+R18 = ["MODEL.DEVICE", "cpu", *R18_TRUNK,
        "MODEL.REGIONSSL.PROJECTOR.HIDDEN_DIM", 256, "INPUT.REGIONSSL.CROP_SIZE", 64,
        "INPUT.REGIONSSL.COPY_PASTE.FG_SIZE", [24, 60]]
 

@@ -31,9 +31,8 @@ from regionssl_workbench.host_reads import HostReadCounter
 from regionssl_workbench.recipes import instant_test, recipes
 from regionssl_workbench.scripts import load_script
 
-from conftest import HANG_TIMEOUT, QS, launch_cpu
+from conftest import HANG_TIMEOUT, QS, R18_TRUNK, launch_cpu
 
-R18 = ["MODEL.RESNETS.DEPTH", 18, "MODEL.RESNETS.RES2_OUT_CHANNELS", 64]
 
 
 def _bench():
@@ -120,12 +119,12 @@ def test_sync_budget_two_processes_equal_start_and_find_unused_choice(two_proces
 
 def test_find_unused_parameters_only_for_swav_while_freezing():
     for recipe in recipes():
-        cfg = get_regionssl_cfg(instant_test(recipe), ["MODEL.DEVICE", "cpu"] + R18)
+        cfg = get_regionssl_cfg(instant_test(recipe), ["MODEL.DEVICE", "cpu"] + R18_TRUNK)
         model = build_model(cfg)
         expected = cfg.MODEL.META_ARCHITECTURE == "SwAV" and cfg.MODEL.REGIONSSL.SWAV.FREEZE_PROTOTYPES_ITERS > 0
         assert model.needs_find_unused_parameters() == expected, recipe
     cfg = get_regionssl_cfg(os.path.join(QS, "swav_instant_test.yaml"),
-                            ["MODEL.DEVICE", "cpu", "MODEL.REGIONSSL.SWAV.FREEZE_PROTOTYPES_ITERS", 0] + R18)
+                            ["MODEL.DEVICE", "cpu", "MODEL.REGIONSSL.SWAV.FREEZE_PROTOTYPES_ITERS", 0] + R18_TRUNK)
     assert not build_model(cfg).needs_find_unused_parameters()
 
 
@@ -133,7 +132,7 @@ def test_find_unused_parameters_only_for_swav_while_freezing():
 def test_swav_queue_scores_are_fp32_under_autocast(monkeypatch):
     from regionssl.modeling.meta_arch import swav as swav_module
 
-    cfg = get_regionssl_cfg(os.path.join(QS, "swav_instant_test.yaml"), R18 + [
+    cfg = get_regionssl_cfg(os.path.join(QS, "swav_instant_test.yaml"), R18_TRUNK + [
         "MODEL.DEVICE", "cpu", "MODEL.REGIONSSL.SWAV.NUM_PROTOTYPES", 30, "MODEL.REGIONSSL.SWAV.QUEUE_LENGTH", 16,
         "MODEL.REGIONSSL.SWAV.QUEUE_START_ITER", 0, "MODEL.REGIONSSL.SWAV.FREEZE_PROTOTYPES_ITERS", 0])
     torch.manual_seed(0)
@@ -206,7 +205,7 @@ def test_pretrain_loader_pins_only_for_cuda(monkeypatch, tmp_path):
 # ----------------------------------------------------------------------------- a rank without pairs
 def _no_pair_check(out_dir):
     rank = comm.get_rank()
-    cfg = get_regionssl_cfg(os.path.join(QS, "scrl_instant_test.yaml"), R18 + [
+    cfg = get_regionssl_cfg(os.path.join(QS, "scrl_instant_test.yaml"), R18_TRUNK + [
         "MODEL.DEVICE", "cpu",
         "MODEL.REGIONSSL.PROJECTOR.HIDDEN_DIM", 32, "MODEL.REGIONSSL.PROJECTOR.OUT_DIM", 16,
         "MODEL.REGIONSSL.PREDICTOR.HIDDEN_DIM", 32])

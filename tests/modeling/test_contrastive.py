@@ -26,11 +26,10 @@ from regionssl.modeling.shuffle import shuffled_forward, split_forward
 from regionssl.modeling.losses import info_nce, info_nce_in_batch
 from regionssl.modeling.queues import KeyQueues
 
-from conftest import Interrupt, launch_cpu, qs_cfg
+from conftest import R18_TRUNK, Interrupt, launch_cpu, qs_cfg
 
 # Tiny views keep every R50 forward/backward to about a second on CPU (FPN needs a multiple of 32).
 TINY = ["MODEL.DEVICE", "cpu", "INPUT.REGIONSSL.CROP_SIZE", 64, "INPUT.REGIONSSL.COPY_PASTE.FG_SIZE", [24, 60]]
-R18 = ["MODEL.RESNETS.DEPTH", 18, "MODEL.RESNETS.RES2_OUT_CHANNELS", 64]
 
 
 def _cfg(name, *opts):
@@ -106,8 +105,8 @@ def _dist_worker(out_dir):
         seen = net.seen[0].clone()
         calls.append({"out": out, "ref": net(images, boxes), "seen": seen})
 
-    # a real model step with shuffle-BN: MoCo-v2 on R18, different views on each rank
-    cfg = _cfg("mocov2_instant_test.yaml", *R18, "MODEL.REGIONSSL.QUEUE.SIZE", 8)
+    # a real model step with shuffle-BN: MoCo-v2 on ResNet-18, different views on each rank
+    cfg = _cfg("mocov2_instant_test.yaml", *R18_TRUNK, "MODEL.REGIONSSL.QUEUE.SIZE", 8)
     torch.manual_seed(0)
     model = build_model(cfg).train()
     rec = {}
@@ -125,7 +124,7 @@ def _dist_worker(out_dir):
     losses = model(batch)
 
     # no queue (QUEUE.SIZE 0): the negatives are the other keys of the global batch (both ranks)
-    cfg0 = _cfg("mocov2_instant_test.yaml", *R18, "MODEL.REGIONSSL.QUEUE.SIZE", 0)
+    cfg0 = _cfg("mocov2_instant_test.yaml", *R18_TRUNK, "MODEL.REGIONSSL.QUEUE.SIZE", 0)
     torch.manual_seed(0)
     model0 = build_model(cfg0).train()
     assert model0.queues is None and not any(k.startswith("queues.") for k in model0.state_dict())
@@ -225,7 +224,7 @@ def test_ema_update_momentum_zero_copies_and_one_freezes():
 @pytest.mark.parametrize("base", [0.0, 1.0])
 def test_model_update_momentum(base):
     torch.manual_seed(0)
-    model = build_model(_cfg("mocov2_instant_test.yaml", *R18, "MODEL.REGIONSSL.MOMENTUM.BASE", base))
+    model = build_model(_cfg("mocov2_instant_test.yaml", *R18_TRUNK, "MODEL.REGIONSSL.MOMENTUM.BASE", base))
     with torch.no_grad():
         for p in model.projector.parameters():
             p.mul_(2.0).add_(1.0)
@@ -395,7 +394,7 @@ def test_run_probe_is_seeded_and_restores_state(monkeypatch):
     from regionssl.probe import run_probe
 
     monkeypatch.setattr(probe, "PROBE_MIN_GALLERY", 16)  # 4 x 4 tiles of one image keep it fast
-    cfg = _cfg("mocov2_instant_test.yaml", *R18, "TEST.REGIONSSL.PROBE_CROP_SIZE", 64, "TEST.REGIONSSL.PROBE_ROUNDS", 1)
+    cfg = _cfg("mocov2_instant_test.yaml", *R18_TRUNK, "TEST.REGIONSSL.PROBE_CROP_SIZE", 64, "TEST.REGIONSSL.PROBE_ROUNDS", 1)
     torch.manual_seed(0)
     model = build_model(cfg).train()
     torch.manual_seed(123)
