@@ -348,6 +348,9 @@ def _add_test_keys(cfg):
     t.GUARD.MIN_CHANCE_MARGIN = 0.05
     # Stall: mean positive cosine similarity not above the mean negative one by this much.
     t.GUARD.MIN_SIM_GAP = 0.01
+    # A stall (either kind) is reported once it has held at this many consecutive checks: one window's
+    # median of a loss over a few keys can touch its chance level while the run learns. Collapses: at once.
+    t.GUARD.STALL_PATIENCE = 3
     # Fine-tunability: warn (never stop) when a stage's conv weight norm exceeds this many times its norm
     # at random initialisation (regionssl/weight_norm/<stage>; a detector fine-tuned from it moves that
     # stage ~ratio^2 times more slowly than a fresh one). 0 = off.

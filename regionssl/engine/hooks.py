@@ -200,6 +200,11 @@ class CollapseGuard(HookBase):
     * stall, chance: ``loss / weight > chance - min_chance_margin`` (InfoNCE's ln(K+1), SwAV's
       ln K_c: the model does not tell the positive from the negatives);
     * stall, similarity: ``pos_sim - neg_sim < min_sim_gap``;
+
+    A stall is reported once it has held at ``patience`` consecutive checks: a contrastive loss over a
+    handful of keys (K = 7 at batch 8) swings by a few tenths of a nat from one window's median to the
+    next, so a level that learns can touch its chance level once; one that does not stays there.
+    Collapses are reported at the first check (noise does not bring every embedding together).
     * weights grown past fine-tuning: a stage's ``regionssl/weight_norm/<stage>`` (conv weight norm
       over its norm at random initialisation, :class:`~regionssl.engine.weight_norms.WeightNormMonitor`)
       above ``max_weight_norm_growth``. Warned about, never stopped for: the run learns, but a detector
@@ -213,8 +218,11 @@ class CollapseGuard(HookBase):
     SIGNALS = ("loss", "emb_std", "emb_rank", "pos_sim", "neg_sim")
 
     def __init__(self, *, start_iter, period=20, window=20, min_emb_std_fraction=0.05, min_emb_rank=1.05,
-                 min_chance_margin=0.05, min_sim_gap=0.01, max_weight_norm_growth=0.0, repeat_period=1000, stop=False):
+                 min_chance_margin=0.05, min_sim_gap=0.01, max_weight_norm_growth=0.0, repeat_period=1000, stop=False,
+                 patience=3):
         self.start_iter, self.period, self.window = start_iter, max(period, 1), max(window, 1)
+        self.patience = max(patience, 1)
+        self._streaks = {}  # (condition, loss key) -> consecutive checks it has held at
         self.max_weight_norm_growth = max_weight_norm_growth
         self.min_emb_std_fraction, self.min_emb_rank = min_emb_std_fraction, min_emb_rank
         self.min_chance_margin = min_chance_margin
@@ -229,7 +237,8 @@ class CollapseGuard(HookBase):
             start = max(cfg.SOLVER.WARMUP_ITERS, min(1000, cfg.SOLVER.MAX_ITER // 5))
         return cls(start_iter=start, period=g.PERIOD, window=g.WINDOW, min_emb_std_fraction=g.MIN_EMB_STD_FRACTION,
                    min_emb_rank=g.MIN_EMB_RANK, min_chance_margin=g.MIN_CHANCE_MARGIN, min_sim_gap=g.MIN_SIM_GAP,
-                   max_weight_norm_growth=g.MAX_WEIGHT_NORM_GROWTH, repeat_period=g.REPEAT_PERIOD, stop=g.STOP)
+                   max_weight_norm_growth=g.MAX_WEIGHT_NORM_GROWTH, repeat_period=g.REPEAT_PERIOD, stop=g.STOP,
+                   patience=g.STALL_PATIENCE)
 
     def medians(self, storage, signal, iteration, only_loss=False):
         """{"loss", "emb_std", "emb_rank", "pos_sim", "neg_sim"}: median of each of ``signal``'s keys over the
@@ -277,6 +286,19 @@ class CollapseGuard(HookBase):
                         f"similar than negatives. {context}")))
         return problems
 
+    def persistent(self, problems):
+        """The ``problems`` of this check to report: every collapse, and the stalls that have held at the
+        last ``patience`` checks (this one included). Call once per check: it counts the streaks."""
+        self._streaks = {(kind, key): self._streaks.get((kind, key), 0) + 1 for kind, key, _ in problems}
+        return [p for p in problems if p[0].startswith("collapse") or self._streaks[p[:2]] >= self.patience]
+
+    def _line(self, kind, msg, it):
+        if kind.startswith("collapse"):
+            return f"COLLAPSED at iteration {it}: {msg}"
+        if self.patience == 1:
+            return f"STALLED at iteration {it}: {msg}"
+        return f"STALLED at iterations {it - (self.patience - 1) * self.period}-{it} ({self.patience} checks): {msg}"
+
     def check_weight_norms(self, storage, iteration):
         """Stages grown past ``max_weight_norm_growth`` at ``iteration``: list of ("weight_growth", key,
         message), from the last ratio each stage logged up to ``iteration`` (none when the limit is 0)."""
@@ -309,11 +331,11 @@ class CollapseGuard(HookBase):
         if comm.is_main_process():
             model = _bare(self.trainer.model)
             signals = model.learning_signals() if hasattr(model, "learning_signals") else []
-            problems = self.check(get_event_storage(), signals, it)
+            problems = self.persistent(self.check(get_event_storage(), signals, it))
             growth = self.check_weight_norms(get_event_storage(), it)
         if self.stop and comm.get_world_size() > 1:
             problems = comm.all_gather(problems)[0]  # rank 0's verdict, so that every rank stops
-        lines = [f"{'COLLAPSED' if kind.startswith('collapse') else 'STALLED'} at iteration {it}: {msg}" for kind, _, msg in problems]
+        lines = [self._line(kind, msg, it) for kind, _, msg in problems]
         if problems and self.stop:
             raise TrainingCollapsed("Pretraining stopped by TEST.REGIONSSL.GUARD.STOP:\n" + "\n".join(lines))
         self._warn("this run is not learning", problems, lines, it,

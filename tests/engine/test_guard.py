@@ -59,7 +59,7 @@ def test_insloc_signals(insloc):
 
 
 def test_collapse_warns_once_with_the_numbers(insloc, caplog):
-    guard = CollapseGuard(start_iter=40, period=20, window=20, repeat_period=1000)
+    guard = CollapseGuard(start_iter=40, period=20, window=20, repeat_period=1000, patience=1)
     with caplog.at_level(logging.WARNING, logger=LOGGER):
         _drive(guard, insloc, lambda it: HEALTHY if it < 60 else COLLAPSED, 200)
     (message,) = _warnings(caplog)  # checks at 59 (healthy), 79 (warns), 99..199 (repeats muted); 39 < start
@@ -125,7 +125,7 @@ def test_rank_collapse_warns(insloc, caplog):
 
 
 def test_repeat_period_and_recovery(insloc, caplog):
-    guard = CollapseGuard(start_iter=0, period=20, window=20, repeat_period=100)
+    guard = CollapseGuard(start_iter=0, period=20, window=20, repeat_period=100, patience=1)
     with caplog.at_level(logging.WARNING, logger=LOGGER):
         _drive(guard, insloc, lambda it: COLLAPSED if it < 150 else HEALTHY, 260)
     # collapsed checks at 19, 39, ..., 139 and the mixed window at 159: warned at 19 and 119 only
@@ -139,7 +139,38 @@ def test_stop_raises_at_the_first_check_after_collapse(insloc):
         _drive(guard, insloc, lambda it: HEALTHY if it < 60 else COLLAPSED, 200)
     text = str(err.value)
     assert text.startswith("Pretraining stopped by TEST.REGIONSSL.GUARD.STOP:\nCOLLAPSED at iteration 79: ")
-    assert "regionssl/emb_std_res4 = 0.002 is below" in text and "loss_contrast_res4 = 3.4965" in text
+    assert "regionssl/emb_std_res4 = 0.002 is below" in text
+    assert "STALLED" not in text  # the loss at chance has held at one check, not at the 3 a stall needs
+
+
+STALL = {**HEALTHY, "loss_contrast_res4": math.log(33)}  # embeddings spread, positives not told apart
+
+
+def test_a_stall_is_reported_once_it_has_held_at_three_checks(insloc, caplog):
+    guard = CollapseGuard(start_iter=0, period=20, window=20)
+    assert guard.patience == 3
+    # checks at 19 (healthy), 39 (stall), 59 (healthy again: the count restarts), 79, 99, 119 (stall)
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        _drive(guard, insloc, lambda it: STALL if 20 <= it < 40 or it >= 60 else HEALTHY, 120)
+    (message,) = _warnings(caplog)
+    assert message.splitlines()[1].strip().startswith(
+        "STALLED at iterations 79-119 (3 checks): loss_contrast_res4 = 3.4965 is not below its chance level 3.4965")
+
+
+# loss_contrast_p5 of InsLoc-FPN's miniature recipe on a plain folder (docs/transfer.md), as the guard read it
+# at its checks 399, 419, ..., 639 (the median of each 20-iteration window): P5 learns, noisily, over 7 keys.
+FOLDER_P5 = [1.933, 1.870, 1.856, 2.024, 1.995, 1.748, 1.799, 1.497, 2.086, 1.654, 1.779, 1.535, 1.785]
+
+
+@pytest.mark.parametrize("patience, warned_at", [(1, [559]), (2, []), (3, [])])
+def test_one_noisy_window_of_a_learning_level_is_not_a_stall(caplog, patience, warned_at):
+    from regionssl.modeling.signals import LearningSignal
+
+    model = SimpleNamespace(learning_signals=lambda: [LearningSignal("loss_contrast_p5", chance=math.log(8))])
+    guard = CollapseGuard(start_iter=399, period=20, window=20, patience=patience)
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        _drive(guard, model, lambda it: {"loss_contrast_p5": FOLDER_P5[max(it - 380, 0) // 20]}, 640)
+    assert [int(m.splitlines()[1].split(":")[0].split()[-1]) for m in _warnings(caplog)] == warned_at
 
 
 def test_healthy_run_with_noisy_steps_stays_silent(insloc, caplog):
