@@ -200,15 +200,15 @@ class CollapseGuard(HookBase):
     * stall, chance: ``loss / weight > chance - min_chance_margin`` (InfoNCE's ln(K+1), SwAV's
       ln K_c: the model does not tell the positive from the negatives);
     * stall, similarity: ``pos_sim - neg_sim < min_sim_gap``;
+    * weights grown past fine-tuning: a stage's ``regionssl/weight_norm/<stage>`` (conv weight norm
+      over its norm at random initialisation, :class:`~regionssl.engine.weight_norms.WeightNormMonitor`)
+      above ``max_weight_norm_growth``. Warned about, never stopped for: the run learns, but a detector
+      fine-tuned from it moves that stage ~ratio^2 times more slowly than a fresh one.
 
     A stall is reported once it has held at ``patience`` consecutive checks: a contrastive loss over a
     handful of keys (K = 7 at batch 8) swings by a few tenths of a nat from one window's median to the
     next, so a level that learns can touch its chance level once; one that does not stays there.
     Collapses are reported at the first check (noise does not bring every embedding together).
-    * weights grown past fine-tuning: a stage's ``regionssl/weight_norm/<stage>`` (conv weight norm
-      over its norm at random initialisation, :class:`~regionssl.engine.weight_norms.WeightNormMonitor`)
-      above ``max_weight_norm_growth``. Warned about, never stopped for: the run learns, but a detector
-      fine-tuned from it moves that stage ~ratio^2 times more slowly than a fresh one.
 
     Reads the EventStorage only (no forward pass). Each condition of each loss is warned about at
     most once per ``repeat_period`` iterations. The verdict is rank 0's (the losses are gathered
