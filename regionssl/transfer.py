@@ -25,7 +25,7 @@ __all__ = [
     "METRICS", "ModelSpec", "TransferError", "parse_model_spec", "config_identity", "config_differences",
     "check_run_identity",
     "read_eval_metrics", "read_timings", "summarize", "markdown_table", "plot_summary", "file_sha1",
-    "scaling_points", "budget_model_name", "scaling_table", "plot_scaling", "paired_gains", "paired_cell",
+    "scaling_points", "scaling_names", "budget_model_name", "scaling_table", "plot_scaling", "paired_gains", "paired_cell",
 ]
 
 # (evaluator task, metric) pairs in table order; labels as the papers write them.
@@ -314,8 +314,13 @@ def scaling_points(models, recipe, budgets, final_budget, metric="box AP"):
         ``[(budget, summary of metric or None)]`` for 0 (random init), each budget and the final one.
     """
     by_name = {m["name"]: m.get("summary", {}).get(metric) for m in models}
-    names = [(0, "random")] + [(b, budget_model_name(recipe, b)) for b in budgets] + [(final_budget, recipe)]
-    return [(b, by_name.get(n)) for b, n in names]
+    return [(b, by_name.get(n)) for b, n in scaling_names(recipe, budgets, final_budget)]
+
+
+def scaling_names(recipe, budgets, final_budget):
+    """``[(steps, row name)]`` of a recipe's scaling curve: 0 is ``random``, each budget's checkpoint
+    ``<recipe>_b<B>``, the final checkpoint the recipe's own name."""
+    return [(0, "random")] + [(b, budget_model_name(recipe, b)) for b in budgets] + [(final_budget, recipe)]
 
 
 def budget_model_name(recipe, budget):
@@ -349,7 +354,7 @@ def plot_scaling(curves, path, metric="box AP", title=None, paired=None):
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2 if paired else 1, figsize=(10.4 if paired else 5.6, 3.6), dpi=120, squeeze=False)
-    ax, colors = axes[0][0], {}
+    ax, pax, colors = axes[0][0], axes[0][-1], {}
     for recipe, points in curves.items():
         pts = [(b, s) for b, s in points if s and s["n"]]
         if not pts:
@@ -368,14 +373,12 @@ def plot_scaling(curves, path, metric="box AP", title=None, paired=None):
         pts = [(0, [0.0])] + [(b, list(g.values())) for b, g in points if b and g]
         if len(pts) < 2:
             continue
-        color = colors.get(recipe)
-        pax = axes[0][1]
-        line, = pax.plot([b for b, _ in pts], [sum(v) / len(v) for _, v in pts], "o-", color=color, label=recipe, zorder=3)
+        line, = pax.plot([b for b, _ in pts], [sum(v) / len(v) for _, v in pts], "o-", color=colors.get(recipe), label=recipe,
+                         zorder=3)
         pax.fill_between([b for b, _ in pts], [min(v) for _, v in pts], [max(v) for _, v in pts], color=line.get_color(), alpha=0.15)
         for b, v in pts[1:]:
             pax.plot([b] * len(v), v, ".", color=line.get_color(), ms=3, zorder=2)
     if paired:
-        pax = axes[0][1]
         pax.axhline(0.0, color="k", lw=0.8)
         pax.set_ylabel(f"{metric} minus random init, same seed")
         pax.set_title("paired with random init", fontsize=9)

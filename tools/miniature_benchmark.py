@@ -32,7 +32,7 @@ import sys
 
 from regionssl.transfer import (
     TransferError, budget_model_name, check_run_identity, config_identity, paired_cell, paired_gains, plot_scaling,
-    scaling_points, scaling_table,
+    scaling_names, scaling_points, scaling_table,
 )
 from regionssl_workbench.scripts import load_script
 
@@ -187,36 +187,34 @@ def write_report(args):
     frozen = finished_models(os.path.join(args.output, "frozen"))
     table_names = ["random"] + list(args.recipes)
     results = {"full": {}, "frozen": {}, "probe": {}, "scaling": {}}
-    gains = {"full": paired_with_random(full), "frozen": paired_with_random(frozen)}
+    vs_random = {"full": paired_with_random(full), "frozen": paired_with_random(frozen)}
     for key, models in (("full", full), ("frozen", frozen)):
         rows = [(m["name"], len(m["runs"]), m["summary"]) for m in models if m["name"] in table_names]
         rows.sort(key=lambda r: table_names.index(r[0]))
         if rows:
             config = args.full_config if key == "full" else args.frozen_config
-            paired = [f"| {name} | {paired_cell(gains[key][name])} |" for name, _, _ in rows if gains[key].get(name)]
+            paired = [f"| {name} | {paired_cell(vs_random[key][name])} |" for name, _, _ in rows if vs_random[key].get(name)]
             with open(os.path.join(args.report, f"{key}.md"), "w") as f:
                 f.write(transfer.markdown_table(rows, f"Protocol `{config}`"))
                 if paired:
                     f.write(f"\n{PAIRED_NOTE}\n\n| model | box AP minus random init |\n|---|---|\n" + "\n".join(paired) + "\n")
         results[key] = {m["name"]: {"box AP": m["summary"].get("box AP"), "mask AP": m["summary"].get("mask AP"),
-                                    "box AP minus random init": gains[key].get(m["name"])} for m in models}
-    curves = {}
+                                    "box AP minus random init": vs_random[key].get(m["name"])} for m in models}
+    curves, paired_curves = {}, {}
     for recipe in args.scaling_recipes:
         final = pretrain_cfg(args, recipe).SOLVER.MAX_ITER
         curves[recipe] = scaling_points(full, recipe, args.budgets, final)
+        paired_curves[recipe] = {b: vs_random["full"].get(name, {}) for b, name in scaling_names(recipe, args.budgets, final) if b}
         results["scaling"][recipe] = [{"steps": b, "box AP": s} for b, s in curves[recipe]]
     if any(s for points in curves.values() for _, s in points):
-        budgets = [b for b in sorted({b for points in curves.values() for b, _ in points}) if b]
-        names = {r: {b: budget_model_name(r, b) for b in args.budgets} | {pretrain_cfg(args, r).SOLVER.MAX_ITER: r}
-                 for r in curves}
-        paired = [f"| {b} | " + " | ".join(paired_cell(gains["full"].get(names[r].get(b), {})) for r in curves) + " |"
-                  for b in budgets]
+        budgets = sorted({b for points in paired_curves.values() for b in points})
+        paired = [f"| {b} | " + " | ".join(paired_cell(paired_curves[r].get(b, {})) for r in curves) + " |" for b in budgets]
         with open(os.path.join(args.report, "scaling.md"), "w") as f:
             f.write(f"Protocol `{args.full_config}`, box AP against pretraining steps\n\n" + scaling_table(curves))
             f.write(f"\n{PAIRED_NOTE}\n\n| pretraining steps | " + " | ".join(curves) + " |\n|---:|" + "---|" * len(curves)
                     + "\n" + "\n".join(paired) + "\n")
         plot_scaling(curves, os.path.join(args.report, "scaling.png"), title="box AP vs pretraining budget",
-                     paired={r: [(b, gains["full"].get(names[r].get(b), {})) for b in budgets] for r in curves})
+                     paired={r: list(points.items()) for r, points in paired_curves.items()})
     lines = ["| recipe | region top-1 | random init | paired gain (per seed) |", "|---|---:|---:|---|"]
     for recipe in args.recipes:
         path = os.path.join(pretrain_dir(args, recipe), "probe.json")
